@@ -1,0 +1,168 @@
+"""Katharopoulos & Fleuret 2018 importance sampling, the paper's main competitor.
+
+"Not All Samples Are Created Equal: Deep Learning with Importance Sampling" (ICML 2018,
+https://arxiv.org/abs/1803.00942), Algorithm 1:
+
+* While the variance-reduction estimate ``tau`` is at most ``tau_th = (B + 3b) / (3b)``, train on plain
+  uniform batches of ``b`` and update ``tau`` from their training outputs.
+* Once ``tau > tau_th``: gather a presample of ``B = k * b`` examples, score each in a no-grad forward, draw
+  ``b`` of them **with replacement** with probability ``g_i ∝ score_i``, and weight each drawn example's loss by
+  ``1 / (B * g_i)`` -- an unbiased estimate of the presample's mean loss. Duplicates are each trained on.
+* ``tau`` is an exponential moving average (factor 0.9, starting at 0) of
+  ``(1 - ||g - u||^2 / ||g||^2) ** -0.5 = sqrt(B * sum(g_i^2))`` for the normalized scores ``g`` and uniform
+  ``u``: 1 when the scores are uniform, up to ``sqrt(B)`` when one example dominates.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .selector import BackpropQueue, Batch, LossFn, _SelectorBase
+
+__all__ = ["Kath18", "upper_bound_scores", "importance_weights", "variance_reduction"]
+
+
+def upper_bound_scores(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Katharopoulos & Fleuret's gradient-norm upper bound: ``||softmax(outputs) - onehot(targets)||_2``.
+
+    Example:
+        >>> upper_bound_scores(torch.tensor([[0.0, 0.0]]), torch.tensor([0])).tolist()   # sqrt(0.25 + 0.25)
+        [0.7071067690849304]
+    """
+    probs = torch.softmax(outputs.float(), dim=1)
+    return (probs - F.one_hot(targets, probs.shape[1]).to(probs.dtype)).norm(dim=1)
+
+
+def _normalize(scores: Tensor) -> Tensor:
+    """Scores -> sampling distribution; all-zero scores give the uniform distribution (no host sync)."""
+    scores = scores.to(torch.float64).clamp_min(0)
+    total = scores.sum()
+    uniform = torch.full_like(scores, 1.0 / len(scores))
+    return torch.where(total > 0, scores / total.clamp_min(torch.finfo(scores.dtype).tiny), uniform)
+
+
+def variance_reduction(g: Tensor) -> Tensor:
+    """``(1 - ||g - u||^2 / ||g||^2) ** -0.5`` for a distribution ``g`` over ``B`` examples, = ``sqrt(B * sum g^2)``.
+
+    Example:
+        >>> variance_reduction(torch.tensor([0.25, 0.25, 0.25, 0.25])).item()
+        1.0
+        >>> variance_reduction(torch.tensor([1.0, 0.0, 0.0, 0.0])).item()
+        2.0
+    """
+    return (len(g) * (g.to(torch.float64) ** 2).sum()).sqrt()
+
+
+def importance_weights(g: Tensor, drawn: Tensor) -> Tensor:
+    """Loss weights ``1 / (B * g_i)`` of the drawn positions: unbiased for the presample's mean loss."""
+    return 1.0 / (len(g) * g[drawn])
+
+
+class Kath18(_SelectorBase):
+    """Importance sampling with a presample, as a drop-in selector (same interface as ``SelectiveBackprop``).
+
+    Args:
+        model: the network, used for the scoring forward of the presample.
+        batch_size: ``b``, examples per training batch. Default: ``128``.
+        presample: ``k``; the presample is ``B = k * b``. Default: ``3`` (Katharopoulos & Fleuret; the SB
+            authors used 4).
+        score: ``"upper-bound"`` (default, the paper's) or ``"loss"`` (per-example loss, as the SB authors' port).
+        loss_fn: per-example loss. Default: cross-entropy.
+        tau_ema: EMA factor for ``tau``. Default: ``0.9``.
+        tau_th: switch-on threshold; default ``(B + 3b) / (3b)``.
+        score_mode, flush, seed: as in :class:`~selective_backprop.selector.SelectiveBackprop`.
+
+    A loader epoch of ``N`` examples costs ``N`` scoring forwards and ``N / k`` backprops once importance sampling
+    is on; before that, ``N`` backprops and no scoring forward.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_size: int = 128,
+        presample: int = 3,
+        *,
+        score: Literal["upper-bound", "loss"] = "upper-bound",
+        loss_fn: LossFn | None = None,
+        tau_ema: float = 0.9,
+        tau_th: float | None = None,
+        score_mode: Literal["eval", "train"] = "eval",
+        flush: Literal["epoch", "never"] = "epoch",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(model, batch_size, loss_fn, seed, score_mode, flush)
+        if isinstance(presample, bool) or not isinstance(presample, int) or presample < 1:
+            raise ValueError(f"presample (k, with B = k * batch_size) must be an int >= 1, got {presample!r}")
+        if score not in ("upper-bound", "loss"):
+            raise ValueError(f"score must be 'upper-bound' or 'loss', got {score!r}")
+        if not 0.0 <= tau_ema < 1.0:
+            raise ValueError(f"tau_ema must be in [0, 1), got {tau_ema!r}")
+        self.presample = presample
+        self.pool_size = presample * batch_size
+        self.score = score
+        self.tau_ema = tau_ema
+        self.tau_th = (
+            (self.pool_size + 3 * batch_size) / (3 * batch_size) if tau_th is None else float(tau_th)
+        )
+        self.tau = 0.0
+        self.pool = BackpropQueue(self.pool_size)
+
+    @property
+    def importance_sampling(self) -> bool:
+        """Whether importance sampling is on (``tau > tau_th``)."""
+        return self.tau > self.tau_th
+
+    def _scores(self, outputs: Tensor, targets: Tensor, losses: Tensor) -> Tensor:
+        return upper_bound_scores(outputs, targets) if self.score == "upper-bound" else losses
+
+    def _update_tau(self, g: Tensor) -> None:
+        self.tau = self.tau_ema * self.tau + (1 - self.tau_ema) * float(variance_reduction(g))
+
+    def select(self, inputs: Tensor, targets: Tensor, indices: Tensor | None = None) -> list[Batch]:
+        start = time.perf_counter()
+        score_s = 0.0
+        m = self._check_batch(inputs, targets, indices)
+        if m == 0:
+            return []
+        self._counters["seen"] += m
+        if not self.importance_sampling:
+            self._counters["selected"] += m
+            leftover = self.pool.flush()  # a presample cut short when tau fell back: train it uniformly
+            ready = [] if leftover is None else self.queue.push(*leftover)
+            ready += self.queue.push(inputs, targets, indices)
+            batches = [self._batch(f) for f in ready]
+        else:
+            batches = []
+            for px, py, pidx in self.pool.push(inputs, targets, indices):
+                t = time.perf_counter()
+                outputs, losses = self._score(px, py)
+                score_s += time.perf_counter() - t
+                g = _normalize(self._scores(outputs, py, losses))
+                self._update_tau(g)
+                drawn = torch.multinomial(g, self.batch_size, replacement=True, generator=self._rng(g.device))
+                weights = importance_weights(g, drawn).to(torch.float32)
+                self._counters["selection_forwards"] += len(px)
+                self._counters["selected"] += len(drawn)
+                batches.append(
+                    self._batch((px[drawn], py[drawn], None if pidx is None else pidx[drawn], weights))
+                )
+        self._counters["score_time_s"] += score_s
+        self._counters["select_time_s"] += time.perf_counter() - start - score_s
+        return batches
+
+    def _observe(self, batch: Batch, outputs: Tensor, losses: Tensor) -> None:
+        if batch.weights is None:  # uniform phase: tau follows the training batch's scores
+            self._update_tau(_normalize(self._scores(outputs, batch.targets, losses)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "tau": self.tau, "pool": self.pool.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.tau = state["tau"]
+        self.pool.load_state_dict(state["pool"])
