@@ -32,7 +32,7 @@ test: $(STAMP) data lint
 	$(BIN)/python -m pytest
 
 demo: $(STAMP) data
-	$(BIN)/selective-backprop compare $(ARGS)
+	$(BIN)/selective-backprop compare --out runs/compare-$$(date +%Y%m%d-%H%M%S) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

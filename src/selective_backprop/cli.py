@@ -1,0 +1,219 @@
+"""Command line: ``selective-backprop train|compare`` (also ``python -m selective_backprop``).
+
+``train`` runs one experiment into a folder. ``compare`` runs a grid of strategies x seeds (x betas) into one
+folder and prints a table: final test error, training time, time to reach 1.2x and 1.4x Traditional's final
+error, and the speedup over Traditional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from .analysis import crossing, read_metrics, speedup
+from .train import Interrupted, RunExistsError, TrainConfig, Trainer, write_atomic
+
+TARGETS = (1.2, 1.4)
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's comparison: Traditional, SB at beta 1..3, StaleSB, Kath18, 3 seeds.
+    "paper": {"strategies": "traditional,sb,stale-sb,kath18", "betas": "1,2,3", "seeds": "0,1,2"},
+}
+
+
+def _add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if kind in (bool, bool | None):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif f.name == "lr_milestones":
+            parser.add_argument(flag, type=_floats, default=f.default, help=help_text + "; comma-separated")
+        else:
+            base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+            parser.add_argument(flag, type=base, default=f.default, help=help_text)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def _config(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig(**{**values, **overrides})
+
+
+def _run(config: TrainConfig, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    if (out / "final.json").exists() and trainer.epoch >= config.epochs:
+        return json.loads((out / "final.json").read_text())
+    return trainer.run()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = Path(args.out or f"runs/{args.strategy}-s{args.seed}")
+    summary = _run(_config(args), out, args)
+    print(f"run folder: {out}")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _grid(args: argparse.Namespace) -> list[tuple[str, float | None, int]]:
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    betas = _floats(args.betas) if args.betas else (args.beta,)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    grid = []
+    for strategy in strategies:
+        uses_beta = strategy in ("sb", "stale-sb", "random")
+        for beta in betas if uses_beta else (None,):
+            for seed in seeds:
+                grid.append((strategy, beta, seed))
+    return grid
+
+
+def _run_name(strategy: str, beta: float | None, seed: int, several_betas: bool) -> str:
+    b = f"-b{beta:g}" if beta is not None and several_betas else ""
+    return f"{strategy}{b}-s{seed}"
+
+
+def summarize(out: Path, runs: list[dict[str, Any]]) -> str:
+    """The comparison table (markdown) of finished runs; also written to ``summary.md`` / ``summary.json``."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_label.setdefault(run["label"], []).append(run)
+    trad = by_label.get("traditional")
+    base_error = statistics.mean(r["metrics"][-1]["test_error"] for r in trad) if trad else None
+    targets = {t: base_error * t for t in TARGETS} if base_error is not None else {}
+
+    def ttt(runs_: list[dict[str, Any]], target: float) -> float | None:
+        times = [crossing(r["metrics"], target) for r in runs_]
+        return None if any(t is None for t in times) else statistics.mean(times)  # type: ignore[arg-type]
+
+    header = ["strategy", "seeds", "final error", "train time (s)", "backprops", "speedup/epoch"]
+    for t in TARGETS:
+        header += [f"time to {t}x (s)", f"speedup {t}x"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows_json = []
+    trad_time = statistics.mean(r["metrics"][-1]["wall_train_s"] for r in trad) if trad else None
+    for label, group in by_label.items():
+        last = [r["metrics"][-1] for r in group]
+        err = statistics.mean(m["test_error"] for m in last)
+        time_s = statistics.mean(m["wall_train_s"] for m in last)
+        row: dict[str, Any] = {
+            "strategy": label, "seeds": len(group), "final_error": err, "train_time_s": time_s,
+            "backprops": statistics.mean(m["backprops"] for m in last),
+            "speedup_per_epoch": speedup(trad_time, time_s),
+        }  # fmt: skip
+        cells = [label, str(len(group)), f"{err:.2%}", f"{time_s:.1f}", f"{row['backprops']:.0f}",
+                 _fmt(row["speedup_per_epoch"], "x")]  # fmt: skip
+        for t, target in targets.items():
+            mine = ttt(group, target)
+            base = ttt(trad, target) if trad else None
+            row[f"time_to_{t}x_s"], row[f"speedup_{t}x"] = mine, speedup(base, mine)
+            cells += [_fmt(mine, ""), _fmt(speedup(base, mine), "x")]
+        cells += ["-", "-"] * (len(TARGETS) - len(targets))
+        lines.append("| " + " | ".join(cells) + " |")
+        rows_json.append(row)
+    notes = [
+        "",
+        f"Target errors: {', '.join(f'{t}x = {v:.2%}' for t, v in targets.items())} "
+        f"(Traditional's final error {base_error:.2%})."
+        if base_error is not None
+        else "No Traditional run: no targets.",
+        "Times are training wall-clock seconds (evaluation excluded), crossing times interpolated linearly "
+        "between evaluations; 'not reached' means the run never got there. Means over seeds.",
+    ]  # fmt: skip
+    table = "\n".join(lines + notes)
+    write_atomic(out / "summary.md", lambda f: f.write((table + "\n").encode()))
+    write_atomic(out / "summary.json", lambda f: f.write(json.dumps({"targets": targets, "rows": rows_json},
+                                                                     indent=2).encode()))  # fmt: skip
+    return table
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "not reached"
+    return f"{value:.2f}{unit}" if unit else f"{value:.1f}"
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    if args.preset:
+        for key, value in PRESETS[args.preset].items():
+            setattr(args, key, value)
+    out = Path(args.out)
+    grid = _grid(args)
+    several_betas = len({b for _, b, _ in grid if b is not None}) > 1
+    if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
+        raise RunExistsError(f"compare folder {out} already exists; pass --resume to finish it or --overwrite")
+    if args.overwrite and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+        args.overwrite = False
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for i, (strategy, beta, seed) in enumerate(grid, 1):
+        name = _run_name(strategy, beta, seed, several_betas)
+        label = name.rsplit("-s", 1)[0]
+        print(f"[{i}/{len(grid)}] {name}", flush=True)
+        overrides: dict[str, Any] = {"strategy": strategy, "seed": seed}
+        if beta is not None:
+            overrides["beta"] = beta
+        _run(_config(args, **overrides), out / name, args)
+        runs.append({"label": label, "name": name, "metrics": read_metrics(out / name)})
+    table = summarize(out, runs)
+    print()
+    print(table)
+    print(f"\nrun folder: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selective-backprop", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--resume", action="store_true", help="continue an existing run folder")
+    common.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
+    common.add_argument("--quiet", action="store_true", help="no progress bar; one log line per epoch")
+
+    p_train = sub.add_parser("train", parents=[common], help="run one experiment")
+    p_train.add_argument("--out", default=None, help="run folder (default: runs/<strategy>-s<seed>)")
+    _add_config_args(p_train)
+    p_train.set_defaults(func=cmd_train)
+
+    p_cmp = sub.add_parser("compare", parents=[common], help="strategies x seeds (x betas) side by side")
+    p_cmp.add_argument("--out", default="runs/compare", help="folder for all runs (default: runs/compare)")
+    p_cmp.add_argument("--strategies", default="traditional,sb,stale-sb", help="comma-separated strategies")
+    p_cmp.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    p_cmp.add_argument("--betas", default=None, help="comma-separated betas for sb/stale-sb/random (default: --beta)")
+    p_cmp.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the paper's grid: " +
+                       "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))  # fmt: skip
+    _add_config_args(p_cmp, skip=("strategy", "seed"))
+    p_cmp.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Interrupted as e:
+        print(f"\n{e}; continue with --resume", file=sys.stderr)
+        return e.exit_code
+    except (RunExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

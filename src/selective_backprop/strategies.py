@@ -1,0 +1,86 @@
+"""A registry of training strategies: name -> the selector that runs a training step that way.
+
+Every strategy is a selector with the same interface (``select`` / ``end_epoch`` / ``Batch.loss`` /
+``state_dict``), so the trainer's loop is the same for all of them.
+
+Example:
+    >>> from torch import nn
+    >>> selector = build_selector("stale-sb", nn.Linear(2, 2), dataset_size=10, batch_size=4)
+    >>> type(selector).__name__, selector.cache.staleness
+    ('SelectiveBackprop', 3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .kath18 import Kath18
+from .policies import ClampPolicy, PercentilePolicy, ThresholdPolicy, Traditional, UniformPolicy
+from .selector import SelectiveBackprop, _SelectorBase
+
+__all__ = ["StrategyOptions", "STRATEGIES", "build_selector"]
+
+
+@dataclass
+class StrategyOptions:
+    """Hyperparameters of every strategy (each uses the ones it needs). Defaults follow the authors."""
+
+    batch_size: int = 128
+    beta: float = 3.0  # SB / StaleSB selectivity exponent (authors' default)
+    history_size: int = 1024
+    staleness: int = 3  # StaleSB: reuse a loss for this many visits (authors' train.py default)
+    prime_epochs: int = 1  # epochs of unconditional backprop at the start (SB family)
+    rate: float | None = None  # random: selection rate; None -> 1/(beta+1), SB's expected selectivity
+    threshold: float = 0.5  # threshold strategy: backprop iff loss >= threshold
+    presample: int = 3  # Kath18: B = presample * batch_size
+    kath_score: str = "upper-bound"
+    score_mode: str = "eval"
+    seed: int = 0
+
+
+def _sb(model: nn.Module, n: int, o: StrategyOptions, policy: Any, staleness: int | None = None) -> SelectiveBackprop:
+    return SelectiveBackprop(
+        model,
+        batch_size=o.batch_size,
+        policy=policy,
+        staleness=staleness,
+        dataset_size=n,
+        prime_epochs=o.prime_epochs,
+        score_mode=o.score_mode,  # type: ignore[arg-type]
+        seed=o.seed,
+    )
+
+
+def _percentile(o: StrategyOptions) -> PercentilePolicy:
+    return PercentilePolicy(o.beta, o.history_size)
+
+
+Factory = Callable[[nn.Module, int, StrategyOptions], _SelectorBase]
+
+STRATEGIES: dict[str, Factory] = {
+    "traditional": lambda m, n, o: SelectiveBackprop(m, batch_size=o.batch_size, policy=Traditional(), prime_epochs=0),
+    "sb": lambda m, n, o: _sb(m, n, o, _percentile(o)),
+    "stale-sb": lambda m, n, o: _sb(m, n, o, _percentile(o), staleness=o.staleness),
+    "kath18": lambda m, n, o: Kath18(
+        m,
+        batch_size=o.batch_size,
+        presample=o.presample,
+        score=o.kath_score,  # type: ignore[arg-type]
+        score_mode=o.score_mode,  # type: ignore[arg-type]
+        seed=o.seed,
+    ),
+    "random": lambda m, n, o: _sb(m, n, o, UniformPolicy(o.rate if o.rate is not None else 1 / (o.beta + 1))),
+    "threshold": lambda m, n, o: _sb(m, n, o, ThresholdPolicy(o.threshold)),
+    "clamp": lambda m, n, o: _sb(m, n, o, ClampPolicy()),
+}
+
+
+def build_selector(name: str, model: nn.Module, dataset_size: int, **options: Any) -> _SelectorBase:
+    """Build the selector of strategy ``name`` (see ``STRATEGIES``) with ``StrategyOptions`` fields as kwargs."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+    return STRATEGIES[name](model, dataset_size, StrategyOptions(**options))

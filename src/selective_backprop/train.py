@@ -1,0 +1,527 @@
+"""One experiment from one config: data on the device, a model, a strategy, SGD, evaluation, checkpoints.
+
+The training step, top to bottom (``Trainer._epoch``)::
+
+    for inputs, targets, indices in loader:             # data on the device, augmented per batch
+        for batch in selector.select(inputs, targets, indices):   # scoring forward + coins + queue
+            set the LR from the schedule (counted in examples seen or examples backpropagated)
+            loss = batch.loss(model(batch.inputs)); zero_grad; backward; step
+    for batch in selector.end_epoch(): (same step)      # the queue's remainder
+    evaluate on the test set (not counted as training time), log a row, checkpoint
+
+Run folder: ``config.json``, ``environment.json``, ``metrics.jsonl`` (one row per evaluation, the first before
+any training), ``checkpoint.pt`` (atomic, every epoch and on Ctrl-C / SIGTERM), and at the end
+``selection_counts.npy`` (times each training example was backpropagated), ``train_confidence.npy`` (final
+true-class softmax probability of each training example, eval mode, no augmentation), ``noisy_indices.npy``
+(with label noise) and ``final.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import data as sbdata
+from .models import build_model
+from .selector import Batch, _SelectorBase
+from .strategies import STRATEGIES, build_selector
+
+__all__ = ["TrainConfig", "Trainer", "train", "Interrupted", "RunExistsError", "lr_at", "write_atomic"]
+
+INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def _h(text: str, **kw: Any) -> Any:
+    """A dataclass field with CLI help text."""
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of one run. Defaults: Fashion-MNIST, small CNN, SB with the authors' beta = 3."""
+
+    dataset: str = _h("fashion-mnist | cifar10 | cifar100 | svhn", default="fashion-mnist")
+    model: str = _h("small-cnn | resnet18 | wideresnet | mobilenetv2", default="small-cnn")
+    strategy: str = _h(" | ".join(STRATEGIES), default="sb")
+    epochs: int = _h("training budget in epochs (passes over the training set)", default=8)
+    batch_size: int = _h("examples per training step", default=128)
+    lr: float = _h("initial learning rate", default=0.05)
+    momentum: float = _h("SGD momentum", default=0.9)
+    weight_decay: float = _h("SGD weight decay", default=5e-4)
+    lr_schedule: str = _h("step | cosine | constant", default="step")
+    lr_milestones: tuple[float, ...] = _h(
+        "step schedule: LR x gamma at these fractions of the budget (in --lr-unit)", default=(0.5, 0.75)
+    )
+    lr_gamma: float = _h("step schedule factor", default=0.1)
+    lr_unit: str = _h("what the schedule counts: examples (seen) | backprops (backpropagated)", default="examples")
+    beta: float = _h("SB / StaleSB selectivity exponent (authors' default 3)", default=3.0)
+    staleness: int = _h("StaleSB: reuse a cached loss for this many epochs", default=3)
+    prime_epochs: int = _h("epochs of unconditional backprop before selecting (SB family)", default=1)
+    rate: float | None = _h("random strategy: selection rate (default 1/(beta+1))", default=None)
+    threshold: float = _h("threshold strategy: backprop iff loss >= threshold", default=0.5)
+    presample: int = _h("Kath18: presample B = presample * batch size", default=3)
+    kath_score: str = _h("Kath18 score: upper-bound | loss", default="upper-bound")
+    score_mode: str = _h("scoring forward in eval | train mode", default="eval")
+    label_noise: float = _h("fraction of training labels replaced by random labels", default=0.0)
+    crop_padding: int | None = _h("random-crop padding (default: the dataset's)", default=None)
+    flip: bool | None = _h("random horizontal flips (default: the dataset's)", default=None)
+    cutout: int | None = _h("cutout square side (default: the dataset's)", default=None)
+    eval_every: int | None = _h("also evaluate every this many examples seen", default=None)
+    train_limit: int | None = _h("use only the first N training examples (quick runs)", default=None)
+    test_limit: int | None = _h("use only the first N test examples (quick runs)", default=None)
+    seed: int = _h("seed of the model init, the data order, label noise and the coins", default=0)
+    device: str = _h("auto | cpu | cuda | cuda:N", default="auto")
+    channels_last: bool = _h("NHWC memory format for model and batches (faster convolutions here)", default=True)
+    threads: int | None = _h("torch CPU threads (default: torch's choice)", default=None)
+    data_dir: str | None = _h("folder with the dataset's official files", default=None)
+    download: bool = _h("download the dataset if it is not found", default=False)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.lr_schedule in ("step", "cosine", "constant"), "lr_schedule must be step, cosine or constant"),
+            (self.lr_unit in ("examples", "backprops"), "lr_unit must be examples or backprops"),
+            (0.0 <= self.label_noise <= 1.0, "label_noise must be a fraction in [0, 1]"),
+            (all(0 < m < 1 for m in self.lr_milestones), "lr_milestones must be fractions in (0, 1)"),
+            (self.eval_every is None or self.eval_every > 0, "eval_every must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message}; got {self}")
+        self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
+
+    @property
+    def run_name(self) -> str:
+        return self.strategy
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after writing a checkpoint; ``exit_code`` is 130 or 143."""
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        self.exit_code = INTERRUPT_EXIT_CODES.get(signal.Signals(signum), 1)
+        self.checkpoint = checkpoint
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved to {checkpoint}")
+
+
+class RunExistsError(FileExistsError):
+    pass
+
+
+def lr_at(config: TrainConfig, progress: float) -> float:
+    """The learning rate at ``progress`` = fraction of the budget done, counted in ``config.lr_unit``.
+
+    Example:
+        >>> c = TrainConfig(lr=1.0, lr_milestones=(0.5, 0.75), lr_gamma=0.1)
+        >>> [round(lr_at(c, p), 4) for p in (0.0, 0.5, 0.8, 2.0)]
+        [1.0, 0.1, 0.01, 0.01]
+    """
+    if config.lr_schedule == "constant":
+        return config.lr
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return config.lr * config.lr_gamma ** sum(progress >= m for m in config.lr_milestones)
+
+
+def write_atomic(path: Path, write: Any) -> None:
+    """Write a file via a temporary file in the same folder, fsync and rename: readers never see a torn file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where and with what a run ran."""
+    return {
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "git_commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+class Trainer:
+    """Runs one :class:`TrainConfig` into ``out_dir`` (see the module docstring for the folder's contents)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.config, self.out = config, Path(out_dir)
+        self.progress = progress
+        self._prepare_folder(resume, overwrite)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        self._load_data()
+        self.model = build_model(
+            config.model, num_classes=self.train_set.num_classes, in_channels=self.train_set.images.shape[1]
+        ).to(self.device)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)  # type: ignore[call-arg]
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+        self.selector: _SelectorBase = build_selector(
+            config.strategy, self.model, len(self.train_set),
+            batch_size=config.batch_size, beta=config.beta, staleness=config.staleness,
+            prime_epochs=config.prime_epochs, rate=config.rate, threshold=config.threshold,
+            presample=config.presample, kath_score=config.kath_score, score_mode=config.score_mode, seed=config.seed,
+        )  # fmt: skip
+        self.loader = sbdata.DeviceLoader(
+            self.train_set, config.batch_size, shuffle=True, augment=self.augment, seed=config.seed
+        )
+        n = len(self.train_set)
+        self.epoch = 0
+        self.batches_done = 0  # loader batches consumed in the current epoch (non-zero only mid-epoch)
+        self.loader_state = self.loader.state_dict()  # the loader as at the start of the current epoch
+        self.times = dict.fromkeys(("data_s", "select_forward_s", "bookkeeping_s", "train_s"), 0.0)
+        self.selection_counts = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self.interval = {"loss_sum": torch.zeros((), device=self.device), "losses": 0, "seen": 0, "selected": 0}
+        self.metrics_rows = 0
+        self.next_eval = config.eval_every
+        self._stop_signal: int | None = None
+        if resume and (self.out / "checkpoint.pt").exists():
+            self._load_checkpoint()
+        else:
+            _write_json(self.out / "config.json", config.to_json())
+            _write_json(self.out / "environment.json", environment(self.device))
+
+    # ----- setup -------------------------------------------------------------------------------------------
+    def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
+        if self.out.exists() and any(self.out.iterdir()):
+            if overwrite:
+                shutil.rmtree(self.out)
+            elif not resume:
+                raise RunExistsError(
+                    f"run folder {self.out} already exists; pass --resume to continue it or --overwrite to replace it"
+                )
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def _load_data(self) -> None:
+        c = self.config
+        train, test = sbdata.load_dataset(c.dataset, c.data_dir, c.download, device=self.device)
+        if c.train_limit:
+            train = dataclasses.replace(
+                train, images=train.images[: c.train_limit], labels=train.labels[: c.train_limit]
+            )
+        if c.test_limit:
+            test = dataclasses.replace(test, images=test.images[: c.test_limit], labels=test.labels[: c.test_limit])
+        self.noisy_indices = torch.empty(0, dtype=torch.int64)
+        if c.label_noise > 0:
+            labels, self.noisy_indices = sbdata.apply_label_noise(
+                train.labels, c.label_noise, train.num_classes, c.seed
+            )
+            train = dataclasses.replace(train, labels=labels)
+            np.save(self.out / "noisy_indices.npy", self.noisy_indices.cpu().numpy())
+        self.train_set, self.test_set = train, test
+        aug = sbdata.default_augment(c.dataset)
+        self.augment = sbdata.Augment(
+            crop_padding=aug.crop_padding if c.crop_padding is None else c.crop_padding,
+            flip=aug.flip if c.flip is None else c.flip,
+            cutout=aug.cutout if c.cutout is None else c.cutout,
+        )
+
+    # ----- checkpoints ---------------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_json(),
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "selector": self.selector.state_dict(),
+            "loader": self.loader_state,
+            "times": dict(self.times),
+            "selection_counts": self.selection_counts,
+            "interval": dict(self.interval),
+            "metrics_rows": self.metrics_rows,
+            "next_eval": self.next_eval,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def save_checkpoint(self) -> Path:
+        path = self.out / "checkpoint.pt"
+        state = self._state()
+        write_atomic(path, lambda f: torch.save(state, f))
+        return path
+
+    def _load_checkpoint(self) -> None:
+        path = self.out / "checkpoint.pt"
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        saved = {k: v for k, v in state["config"].items() if k not in ("epochs", "device", "threads")}
+        ours = {k: v for k, v in self.config.to_json().items() if k in saved}
+        if json.loads(json.dumps(saved)) != json.loads(json.dumps(ours)):
+            diff = sorted(k for k in saved if json.dumps(saved[k]) != json.dumps(ours.get(k)))
+            raise ValueError(f"cannot resume {self.out}: the config differs from the checkpoint's in {diff}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.selector.load_state_dict(state["selector"])
+        self.loader_state = state["loader"]
+        self.loader.load_state_dict(self.loader_state)
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+        self.times = state["times"]
+        self.selection_counts = state["selection_counts"].to(self.device)
+        self.interval = state["interval"]
+        self.metrics_rows, self.next_eval = state["metrics_rows"], state["next_eval"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        metrics = self.out / "metrics.jsonl"  # drop rows logged after the checkpoint (they will be redone)
+        lines = metrics.read_text().splitlines(keepends=True)[: self.metrics_rows] if metrics.exists() else []
+        write_atomic(metrics, lambda f: f.write("".join(lines).encode()))
+
+    # ----- the loop ------------------------------------------------------------------------------------------
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _train_step(self, batch: Batch) -> None:
+        c, counters = self.config, self.selector.counters
+        done = counters["seen"] if c.lr_unit == "examples" else counters["backpropagated"]
+        lr = lr_at(c, done / (c.epochs * len(self.train_set)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = batch.loss(self.model(batch.inputs))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.interval["loss_sum"] += loss.detach() * len(batch)
+        self.interval["losses"] += len(batch)
+        if batch.indices is not None:
+            self.selection_counts.index_add_(0, batch.indices, torch.ones_like(batch.indices))
+
+    def _timed_steps(self, batches: list[Batch]) -> None:
+        t = time.perf_counter()
+        for batch in batches:
+            self._train_step(batch)
+        self._sync()
+        self.times["train_s"] += time.perf_counter() - t
+
+    def _epoch_batches(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """The loader's batches for the current epoch, skipping those a mid-epoch checkpoint already did."""
+        self.loader_state = self.loader.state_dict()
+        for k, item in enumerate(self.loader):
+            if k >= self.batches_done:
+                yield item
+
+    def _epoch(self, bar: Any) -> None:
+        it = self._epoch_batches()
+        while True:
+            t = time.perf_counter()
+            item = next(it, None)
+            self._sync()
+            self.times["data_s"] += time.perf_counter() - t
+            if item is None:
+                break
+            before = self.selector.counters
+            t = time.perf_counter()
+            inputs, targets, indices = item
+            batches = self.selector.select(inputs.contiguous(memory_format=self.memory_format), targets, indices)
+            self._sync()
+            elapsed = time.perf_counter() - t
+            score = self.selector.counters["score_time_s"] - before["score_time_s"]
+            self.times["select_forward_s"] += score
+            self.times["bookkeeping_s"] += elapsed - score
+            self._timed_steps(batches)
+            self.batches_done += 1
+            self.interval["seen"] += len(item[0])
+            self.interval["selected"] += self.selector.counters["selected"] - before["selected"]
+            if bar is not None:
+                bar.update(len(item[0]))
+            if self._stop_signal is not None:
+                raise Interrupted(self._stop_signal, self.save_checkpoint())
+            if self.next_eval is not None and self.selector.counters["seen"] >= self.next_eval:
+                self.next_eval += self.config.eval_every  # type: ignore[operator]
+                self._log(bar)
+        self._timed_steps(self.selector.end_epoch())
+        self.epoch += 1
+        self.batches_done = 0
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """(test error, mean test loss) in eval mode; the model's mode is restored."""
+        was_training = self.model.training
+        self.model.eval()
+        wrong, loss_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for x, y, _ in sbdata.DeviceLoader(self.test_set, 256, shuffle=False):
+            out = self.model(x.contiguous(memory_format=self.memory_format))
+            wrong += (out.argmax(1) != y).sum()
+            loss_sum += F.cross_entropy(out, y, reduction="sum")
+        self.model.train(was_training)
+        n = len(self.test_set)
+        return float(wrong) / n, float(loss_sum) / n
+
+    @torch.no_grad()
+    def train_confidence(self) -> Tensor:
+        """Final true-class softmax probability of every training example (eval mode, no augmentation)."""
+        self.model.eval()
+        out = torch.empty(len(self.train_set), device=self.device)
+        for x, y, idx in sbdata.DeviceLoader(self.train_set, 256, shuffle=False):
+            logits = self.model(x.contiguous(memory_format=self.memory_format)).float()
+            out[idx] = torch.softmax(logits, 1).gather(1, y[:, None]).squeeze(1)
+        self.model.train()
+        return out
+
+    def _log(self, bar: Any = None) -> dict[str, Any]:
+        error, test_loss = self.evaluate()
+        c, iv = self.selector.counters, self.interval
+        done = c["seen"] if self.config.lr_unit == "examples" else c["backpropagated"]
+        row = {
+            "epoch": self.epoch + self.batches_done / max(1, len(self.loader)),
+            "examples_seen": int(c["seen"]),
+            "selection_forwards": int(c["selection_forwards"]),
+            "skipped_forwards": int(c["skipped_forwards"]),
+            "backprops": int(c["backpropagated"]),
+            "steps": int(c["steps"]),
+            "wall_train_s": sum(self.times.values()),
+            **{f"time_{k}": v for k, v in self.times.items()},
+            "test_error": error,
+            "test_loss": test_loss,
+            "train_loss": float(iv["loss_sum"]) / iv["losses"] if iv["losses"] else None,
+            "selected_fraction": iv["selected"] / iv["seen"] if iv["seen"] else None,
+            "lr": lr_at(self.config, done / (self.config.epochs * len(self.train_set))),
+        }
+        self.interval = {"loss_sum": torch.zeros((), device=self.device), "losses": 0, "seen": 0, "selected": 0}
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.metrics_rows += 1
+        if bar is not None:
+            bar.set_postfix(err=f"{error:.4f}", sel=f"{row['selected_fraction'] or 1:.0%}")
+        return row
+
+    def run(self) -> dict[str, Any]:
+        """Train to the end of the budget (or resume and finish); returns the final summary."""
+        c = self.config
+        if self.metrics_rows == 0:
+            self._log()  # the starting point of every curve: error before training, at time 0
+        handlers = {s: signal.signal(s, self._on_signal) for s in INTERRUPT_EXIT_CODES}
+        try:
+            while self.epoch < c.epochs:
+                bar = self._bar()
+                try:
+                    self._epoch(bar)
+                finally:
+                    if bar is not None:
+                        bar.close()
+                row = self._log()
+                self.save_checkpoint()
+                if not self.progress:
+                    print(self._line(row), flush=True)
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        return self._finish()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signum
+
+    def _bar(self) -> Any:
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=len(self.train_set), initial=min(len(self.train_set), self.batches_done * self.config.batch_size),
+            desc=f"{self.config.strategy} epoch {self.epoch + 1}/{self.config.epochs}", unit="ex", leave=False,
+        )  # fmt: skip
+
+    def _line(self, row: dict[str, Any]) -> str:
+        sel = row["selected_fraction"]
+        return (
+            f"[{self.config.strategy}] epoch {row['epoch']:.0f}/{self.config.epochs}"
+            f"  test error {row['test_error']:.4f}"
+            f"  train time {row['wall_train_s']:.1f}s  backprops {row['backprops']}"
+            f"  selected {'-' if sel is None else f'{sel:.1%}'}"
+        )
+
+    def _finish(self) -> dict[str, Any]:
+        np.save(self.out / "selection_counts.npy", self.selection_counts.cpu().numpy())
+        np.save(self.out / "train_confidence.npy", self.train_confidence().cpu().numpy())
+        rows = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line]
+        last = rows[-1]
+        summary = {
+            "strategy": self.config.strategy,
+            "final_test_error": last["test_error"],
+            "wall_train_s": last["wall_train_s"],
+            "backprops": last["backprops"],
+            "selection_forwards": last["selection_forwards"],
+            "examples_seen": last["examples_seen"],
+            "epochs": self.epoch,
+            "label_noise_examples": len(self.noisy_indices),
+        }
+        _write_json(self.out / "final.json", summary)
+        if self.progress:
+            print(self._line(last), flush=True)
+        return summary
+
+
+def train(config: TrainConfig, out_dir: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """Run one experiment; see :class:`Trainer`."""
+    return Trainer(config, out_dir, **kwargs).run()
