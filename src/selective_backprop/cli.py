@@ -99,7 +99,7 @@ def summarize(out: Path, runs: list[dict[str, Any]]) -> str:
         times = [crossing(r["metrics"], target) for r in runs_]
         return None if any(t is None for t in times) else statistics.mean(times)  # type: ignore[arg-type]
 
-    header = ["strategy", "seeds", "final error", "train time (s)", "backprops", "speedup/epoch"]
+    header = ["strategy", "seeds", "final error", "train time (s)", "backprops", "speedup (whole run)"]
     for t in TARGETS:
         header += [f"time to {t}x (s)", f"speedup {t}x"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

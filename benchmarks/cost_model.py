@@ -1,0 +1,132 @@
+"""Cost model: is an SB epoch as cheap as F + s*T predicts, and does Traditional cost what a bare loop costs?
+
+F = seconds per example of an eval-mode no-grad forward, T = seconds per example of a training step
+(forward + backward + SGD step), both measured here at the training batch size on the same data. For a measured
+selected fraction s, an SB epoch should cost N*(F + s*T) and a StaleSB epoch N*(F/n + s*T) (averaged over the
+n-epoch staleness cycle). Targets: actual / predicted <= 1.10, and Traditional through the trainer / a bare
+hand-written loop <= 1.05.
+
+Run by hand:  .venv/bin/python benchmarks/cost_model.py [--train-limit 12800] [--beta 3] [--device cpu]
+All numbers come from the same process, measured one after the other on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from selective_backprop import data as sbdata
+from selective_backprop.analysis import read_metrics
+from selective_backprop.train import TrainConfig, Trainer
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def per_example_costs(trainer: Trainer, batches: int) -> tuple[float, float]:
+    """(F, T): seconds per example of a scoring forward and of a training step, medians over batches."""
+    model, opt, device = trainer.model, trainer.optimizer, trainer.device
+    fwd, step = [], []
+    loader = sbdata.DeviceLoader(trainer.train_set, trainer.config.batch_size, seed=123)
+    for k, (x, y, _) in enumerate(loader):
+        if k >= batches + 2:
+            break
+        x = x.contiguous(memory_format=trainer.memory_format)
+        sync(device)
+        t = time.perf_counter()
+        model.eval()
+        with torch.no_grad():
+            F.cross_entropy(model(x), y, reduction="none")
+        model.train()
+        sync(device)
+        t1 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync(device)
+        t2 = time.perf_counter()
+        if k >= 2:
+            fwd.append((t1 - t) / len(x))
+            step.append((t2 - t1) / len(x))
+    return sorted(fwd)[len(fwd) // 2], sorted(step)[len(step) // 2]
+
+
+def bare_epoch(trainer: Trainer) -> float:
+    """One epoch of the plainest loop over the same on-device loader: the floor Traditional is held to."""
+    model, opt, device = trainer.model, trainer.optimizer, trainer.device
+    loader = sbdata.DeviceLoader(trainer.train_set, trainer.config.batch_size, seed=7)
+    sync(device)
+    t = time.perf_counter()
+    for x, y, _ in loader:
+        loss = F.cross_entropy(model(x.contiguous(memory_format=trainer.memory_format)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def epoch_times(rows: list[dict]) -> list[tuple[float, float]]:
+    """(seconds, selected fraction) of each epoch from consecutive end-of-epoch rows."""
+    ends = [r for r in rows if float(r["epoch"]).is_integer()]
+    return [
+        (b["wall_train_s"] - a["wall_train_s"], b["selected_fraction"]) for a, b in zip(ends, ends[1:], strict=False)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-limit", type=int, default=12800)
+    parser.add_argument("--beta", type=float, default=3.0)
+    parser.add_argument("--staleness", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--model", default="small-cnn")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="sb-cost-"))
+    common = dict(dataset=args.dataset, model=args.model, train_limit=args.train_limit, test_limit=1000,
+                  beta=args.beta, staleness=args.staleness, device=args.device, lr_schedule="constant")  # fmt: skip
+    try:
+        epochs = 1 + args.staleness  # priming, then one full staleness cycle
+        results = {}
+        for strategy in ("traditional", "sb", "stale-sb"):
+            trainer = Trainer(TrainConfig(strategy=strategy, epochs=epochs, **common), work / strategy, progress=False)
+            if strategy == "traditional":
+                fwd, step = per_example_costs(trainer, batches=30)
+                bare = bare_epoch(trainer)
+            trainer.run()
+            results[strategy] = epoch_times(read_metrics(work / strategy))
+        n = args.train_limit
+        device = trainer.device
+        print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
+              f"N={n} batch={trainer.config.batch_size} beta={args.beta} staleness={args.staleness}")  # fmt: skip
+        print(f"F (scoring forward) = {fwd * 1e6:.1f} us/example, T (train step) = {step * 1e6:.1f} us/example, "
+              f"F/T = {fwd / step:.2f}")  # fmt: skip
+        trad = [t for t, _ in results["traditional"]]
+        trad_epoch = sum(trad) / len(trad)
+        print(f"Traditional epoch via trainer {trad_epoch:.2f}s vs bare loop {bare:.2f}s: ratio {trad_epoch / bare:.3f}"
+              f" (target <= 1.05); predicted N*T = {n * step:.2f}s")  # fmt: skip
+        for strategy, scoring in (("sb", fwd), ("stale-sb", fwd / args.staleness)):
+            sel = results[strategy][1:]  # skip the primed epoch
+            actual = sum(t for t, _ in sel) / len(sel)
+            s = sum(f for _, f in sel) / len(sel)
+            predicted = n * (scoring + s * step)
+            formula = "F" if strategy == "sb" else "F/n"
+            print(f"{strategy:>9}: selected s = {s:.3f}, epoch {actual:.2f}s, predicted N*({formula} + s*T) = "
+                  f"{predicted:.2f}s, actual/predicted = {actual / predicted:.3f} (target <= 1.10), "
+                  f"per-epoch speedup vs Traditional {trad_epoch / actual:.2f}x")  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
