@@ -4,6 +4,7 @@ Jiang et al. 2019, "Accelerating Deep Learning by Focusing on the Biggest Losers
 """
 
 from .kath18 import Kath18
+from .peers import ComposerSB, InfoBatch
 from .policies import (
     ClampPolicy,
     PercentilePolicy,
@@ -20,6 +21,8 @@ __version__ = "0.1.0"
 __all__ = [
     "SelectiveBackprop",
     "Kath18",
+    "InfoBatch",
+    "ComposerSB",
     "Batch",
     "BackpropQueue",
     "LossCache",

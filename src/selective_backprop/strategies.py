@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from .kath18 import Kath18
+from .peers import ComposerSB, InfoBatch
 from .policies import ClampPolicy, PercentilePolicy, ThresholdPolicy, Traditional, UniformPolicy
 from .selector import SelectiveBackprop, _SelectorBase
 
@@ -38,6 +39,13 @@ class StrategyOptions:
     threshold: float = 0.5  # threshold strategy: backprop iff loss >= threshold
     presample: int = 3  # Kath18: B = presample * batch_size
     kath_score: str = "upper-bound"
+    epochs: int = 1  # training budget in epochs (InfoBatch's annealing, Composer SB's progress window)
+    prune_ratio: float = 0.5  # InfoBatch: probability of pruning a below-mean example
+    infobatch_delta: float = 0.875  # InfoBatch: fraction of the epochs with pruning
+    keep: float = 0.5  # Composer SB: fraction of each active batch to backpropagate
+    sb_start: float = 0.5  # Composer SB: progress at which selection starts
+    sb_end: float = 0.9  # Composer SB: progress at which selection stops
+    interrupt: int = 2  # Composer SB: a whole (vanilla) batch every `interrupt` loader batches; 0 never
     score_mode: str = "eval"
     seed: int = 0
 
@@ -76,6 +84,27 @@ STRATEGIES: dict[str, Factory] = {
     "random": lambda m, n, o: _sb(m, n, o, UniformPolicy(o.rate if o.rate is not None else 1 / (o.beta + 1))),
     "threshold": lambda m, n, o: _sb(m, n, o, ThresholdPolicy(o.threshold)),
     "clamp": lambda m, n, o: _sb(m, n, o, ClampPolicy()),
+    "infobatch": lambda m, n, o: InfoBatch(
+        m,
+        batch_size=o.batch_size,
+        prune_ratio=o.prune_ratio,
+        epochs=o.epochs,
+        dataset_size=n,
+        delta=o.infobatch_delta,
+        seed=o.seed,
+    ),
+    "composer-sb": lambda m, n, o: ComposerSB(
+        m,
+        batch_size=o.batch_size,
+        keep=o.keep,
+        epochs=o.epochs,
+        dataset_size=n,
+        start=o.sb_start,
+        end=o.sb_end,
+        interrupt=o.interrupt,
+        score_mode=o.score_mode,  # type: ignore[arg-type]
+        seed=o.seed,
+    ),
 }
 
 
