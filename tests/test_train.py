@@ -145,7 +145,18 @@ def test_compare_prints_the_table_and_writes_the_summary(tiny_fmnist, tmp_path, 
     assert rc == 0
     text = capsys.readouterr().out
     assert "| traditional | 2 |" in text and "| sb | 2 |" in text and "time to 1.2x" in text
-    assert {p.name for p in out.iterdir()} >= {"traditional-s0", "traditional-s1", "sb-s0", "sb-s1", "summary.md"}
+    assert {p.name for p in out.iterdir()} >= {
+        "traditional-s0",
+        "traditional-s1",
+        "sb-s0",
+        "sb-s1",
+        "summary.md",
+        "report.md",
+        "report.html",
+        "summary.csv",
+        "command.txt",
+    }
+    assert "report:" in text and "--strategies traditional,sb" in (out / "command.txt").read_text()
     summary = json.loads((out / "summary.json").read_text())
     trad = [r for r in summary["rows"] if r["strategy"] == "traditional"][0]
     assert trad["speedup_per_epoch"] == pytest.approx(1.0)
@@ -156,6 +167,8 @@ def test_compare_prints_the_table_and_writes_the_summary(tiny_fmnist, tmp_path, 
     assert main(["compare", "--data-dir", str(tiny_fmnist), "--out", str(out), "--strategies", "traditional,sb",
                  "--seeds", "0,1", "--resume", *FAST]) == 0  # fmt: skip
     assert (out / "sb-s0" / "final.json").stat().st_mtime == mtime
+    (out / "report.md").unlink()
+    assert main(["report", str(out), "--no-images"]) == 0 and (out / "report.md").exists()
 
 
 def test_lr_schedules():

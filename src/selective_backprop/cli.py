@@ -1,8 +1,8 @@
-"""Command line: ``selective-backprop train|compare`` (also ``python -m selective_backprop``).
+"""Command line: ``selective-backprop train|compare|report`` (also ``python -m selective_backprop``).
 
 ``train`` runs one experiment into a folder. ``compare`` runs a grid of strategies x seeds (x betas) into one
-folder and prints a table: final test error, training time, time to reach 1.2x and 1.4x Traditional's final
-error, and the speedup over Traditional.
+folder, prints a table (final test error, training time, time to reach 1.2x and 1.4x Traditional's final
+error, and the speedup over Traditional) and writes the report. ``report`` (re)writes the report of a folder.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shlex
 import statistics
 import sys
 import typing
@@ -161,6 +162,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
         args.overwrite = False
     out.mkdir(parents=True, exist_ok=True)
+    command = "selective-backprop " + " ".join(shlex.quote(a) for a in args.argv)
+    write_atomic(out / "command.txt", lambda f: f.write((command + "\n").encode()))
     runs = []
     for i, (strategy, beta, seed) in enumerate(grid, 1):
         name = _run_name(strategy, beta, seed, several_betas)
@@ -174,7 +177,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table = summarize(out, runs)
     print()
     print(table)
-    print(f"\nrun folder: {out}")
+    if not args.no_report:
+        print(f"\nreport: {_report(out)}")
+    print(f"run folder: {out}")
+    return 0
+
+
+def _report(out: Path) -> Path:
+    from .report import write_report
+
+    md = write_report(out)
+    return md.with_suffix(".html")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    md = write_report(args.run_dir, images=not args.no_images)
+    print(f"report: {md} and {md.with_suffix('.html')}")
     return 0
 
 
@@ -198,13 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--betas", default=None, help="comma-separated betas for sb/stale-sb/random (default: --beta)")
     p_cmp.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the paper's grid: " +
                        "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))  # fmt: skip
+    p_cmp.add_argument("--no-report", action="store_true", help="skip writing report.md/report.html at the end")
     _add_config_args(p_cmp, skip=("strategy", "seed"))
     p_cmp.set_defaults(func=cmd_compare)
+
+    p_rep = sub.add_parser("report", help="write report.md, report.html, figures/ and summary.csv of a folder")
+    p_rep.add_argument("run_dir", help="a compare folder (or a single run folder)")
+    p_rep.add_argument("--no-images", action="store_true", help="skip the example galleries (no dataset load)")
+    p_rep.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except Interrupted as e:

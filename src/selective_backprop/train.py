@@ -80,6 +80,8 @@ class TrainConfig:
     threshold: float = _h("threshold strategy: backprop iff loss >= threshold", default=0.5)
     presample: int = _h("Kath18: presample B = presample * batch size", default=3)
     kath_score: str = _h("Kath18 score: upper-bound | loss", default="upper-bound")
+    prune_ratio: float = _h("InfoBatch: probability of pruning a below-mean-loss example", default=0.5)
+    keep: float = _h("composer-sb: fraction of each selective batch kept", default=0.5)
     score_mode: str = _h("scoring forward in eval | train mode", default="eval")
     label_noise: float = _h("fraction of training labels replaced by random labels", default=0.0)
     crop_padding: int | None = _h("random-crop padding (default: the dataset's)", default=None)
@@ -232,6 +234,7 @@ class Trainer:
             batch_size=config.batch_size, beta=config.beta, staleness=config.staleness,
             prime_epochs=config.prime_epochs, rate=config.rate, threshold=config.threshold,
             presample=config.presample, kath_score=config.kath_score, score_mode=config.score_mode, seed=config.seed,
+            epochs=config.epochs, prune_ratio=config.prune_ratio, keep=config.keep,
         )  # fmt: skip
         self.loader = sbdata.DeviceLoader(
             self.train_set, config.batch_size, shuffle=True, augment=self.augment, seed=config.seed
