@@ -19,12 +19,23 @@ from pathlib import Path
 from typing import Any
 
 from .analysis import crossing, read_metrics, speedup
+from .strategies import selectivity_options
 from .train import Interrupted, RunExistsError, TrainConfig, Trainer, write_atomic
 
 TARGETS = (1.2, 1.4)
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's comparison: Traditional, SB at beta 1..3, StaleSB, Kath18, 3 seeds.
-    "paper": {"strategies": "traditional,sb,stale-sb,kath18", "betas": "1,2,3", "seeds": "0,1,2"},
+    "paper": {
+        "strategies": "traditional,sb,stale-sb,kath18,random,infobatch,composer-sb",
+        "betas": "1,2,3",
+        "seeds": "0,1,2",
+    },
+    # The paper's "static selectivity 1/5": every strategy tuned to backprop a fifth of the examples.
+    "static-1-5": {
+        "strategies": "traditional,sb,stale-sb,kath18,random,composer-sb",
+        "selectivity": 0.2,
+        "seeds": "0,1,2",
+    },
 }
 
 
@@ -69,30 +80,61 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _grid(args: argparse.Namespace) -> list[tuple[str, float | None, int]]:
+def _grid(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (strategy, beta, label noise, seed) of the comparison, with its run name and config overrides."""
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     betas = _floats(args.betas) if args.betas else (args.beta,)
+    noises = _floats(args.label_noise) if args.label_noise else (0.0,)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    several_betas = len(betas) > 1 and args.selectivity is None
     grid = []
     for strategy in strategies:
-        uses_beta = strategy in ("sb", "stale-sb", "random")
+        uses_beta = strategy in ("sb", "stale-sb", "random") and args.selectivity is None
         for beta in betas if uses_beta else (None,):
-            for seed in seeds:
-                grid.append((strategy, beta, seed))
+            for noise in noises:
+                for seed in seeds:
+                    label = strategy + (f"-b{beta:g}" if beta is not None and several_betas else "")
+                    label += f"-n{noise:g}" if len(noises) > 1 or noise > 0 else ""
+                    overrides: dict[str, Any] = {"strategy": strategy, "seed": seed, "label_noise": noise}
+                    if beta is not None:
+                        overrides["beta"] = beta
+                    if args.selectivity is not None:
+                        overrides.update(selectivity_options(strategy, args.selectivity))
+                    grid.append({"name": f"{label}-s{seed}", "label": label, "noise": noise, "strategy": strategy,
+                                 "overrides": overrides})  # fmt: skip
     return grid
 
 
-def _run_name(strategy: str, beta: float | None, seed: int, several_betas: bool) -> str:
-    b = f"-b{beta:g}" if beta is not None and several_betas else ""
-    return f"{strategy}{b}-s{seed}"
-
-
 def summarize(out: Path, runs: list[dict[str, Any]]) -> str:
-    """The comparison table (markdown) of finished runs; also written to ``summary.md`` / ``summary.json``."""
+    """The comparison table(s) (markdown) of finished runs, one per label-noise level; also written to
+    ``summary.md`` / ``summary.json``. Targets are multiples of the Traditional runs' final error at the same
+    noise level."""
+    noises = sorted({r["noise"] for r in runs})
+    parts, rows_json, targets_json = [], [], {}
+    for noise in noises:
+        group = [r for r in runs if r["noise"] == noise]
+        table, rows, targets = _summary_table(group)
+        if len(noises) > 1 or noise > 0:
+            parts.append(f"### Label noise {noise:g}\n")
+        parts.append(table)
+        rows_json += [{**row, "label_noise": noise} for row in rows]
+        targets_json[str(noise)] = targets
+    parts.append(
+        "Times are training wall-clock seconds (evaluation excluded), crossing times interpolated linearly "
+        "between evaluations; 'not reached' means the run never got there. Means over seeds."
+    )
+    text = "\n".join(parts)
+    write_atomic(out / "summary.md", lambda f: f.write((text + "\n").encode()))
+    summary = {"targets": targets_json, "rows": rows_json}
+    write_atomic(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    return text
+
+
+def _summary_table(runs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]], dict[float, float]]:
     by_label: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         by_label.setdefault(run["label"], []).append(run)
-    trad = by_label.get("traditional")
+    trad = [r for r in runs if r["strategy"] == "traditional"]
     base_error = statistics.mean(r["metrics"][-1]["test_error"] for r in trad) if trad else None
     targets = {t: base_error * t for t in TARGETS} if base_error is not None else {}
 
@@ -125,20 +167,13 @@ def summarize(out: Path, runs: list[dict[str, Any]]) -> str:
         cells += ["-", "-"] * (len(TARGETS) - len(targets))
         lines.append("| " + " | ".join(cells) + " |")
         rows_json.append(row)
-    notes = [
-        "",
+    note = (
         f"Target errors: {', '.join(f'{t}x = {v:.2%}' for t, v in targets.items())} "
         f"(Traditional's final error {base_error:.2%})."
         if base_error is not None
-        else "No Traditional run: no targets.",
-        "Times are training wall-clock seconds (evaluation excluded), crossing times interpolated linearly "
-        "between evaluations; 'not reached' means the run never got there. Means over seeds.",
-    ]  # fmt: skip
-    table = "\n".join(lines + notes)
-    write_atomic(out / "summary.md", lambda f: f.write((table + "\n").encode()))
-    write_atomic(out / "summary.json", lambda f: f.write(json.dumps({"targets": targets, "rows": rows_json},
-                                                                     indent=2).encode()))  # fmt: skip
-    return table
+        else "No Traditional run: no targets."
+    )
+    return "\n".join([*lines, "", note, ""]), rows_json, targets
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -153,7 +188,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
             setattr(args, key, value)
     out = Path(args.out)
     grid = _grid(args)
-    several_betas = len({b for _, b, _ in grid if b is not None}) > 1
     if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
         raise RunExistsError(f"compare folder {out} already exists; pass --resume to finish it or --overwrite")
     if args.overwrite and out.exists():
@@ -165,15 +199,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     command = "selective-backprop " + " ".join(shlex.quote(a) for a in args.argv)
     write_atomic(out / "command.txt", lambda f: f.write((command + "\n").encode()))
     runs = []
-    for i, (strategy, beta, seed) in enumerate(grid, 1):
-        name = _run_name(strategy, beta, seed, several_betas)
-        label = name.rsplit("-s", 1)[0]
-        print(f"[{i}/{len(grid)}] {name}", flush=True)
-        overrides: dict[str, Any] = {"strategy": strategy, "seed": seed}
-        if beta is not None:
-            overrides["beta"] = beta
-        _run(_config(args, **overrides), out / name, args)
-        runs.append({"label": label, "name": name, "metrics": read_metrics(out / name)})
+    for i, run in enumerate(grid, 1):
+        print(f"[{i}/{len(grid)}] {run['name']}", flush=True)
+        _run(_config(args, **run["overrides"]), out / run["name"], args)
+        runs.append({**run, "metrics": read_metrics(out / run["name"])})
     table = summarize(out, runs)
     print()
     print(table)
@@ -219,7 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the paper's grid: " +
                        "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))  # fmt: skip
     p_cmp.add_argument("--no-report", action="store_true", help="skip writing report.md/report.html at the end")
-    _add_config_args(p_cmp, skip=("strategy", "seed"))
+    p_cmp.add_argument(
+        "--label-noise", default=None, help="comma-separated label-noise fractions, e.g. 0.001,0.1,0.2 (default: 0)"
+    )
+    p_cmp.add_argument(
+        "--selectivity",
+        type=float,
+        default=None,
+        help="tune every strategy to backprop this fraction (see strategies.selectivity_options)",
+    )
+    _add_config_args(p_cmp, skip=("strategy", "seed", "label_noise"))
     p_cmp.set_defaults(func=cmd_compare)
 
     p_rep = sub.add_parser("report", help="write report.md, report.html, figures/ and summary.csv of a folder")

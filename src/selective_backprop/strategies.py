@@ -23,7 +23,7 @@ from .peers import ComposerSB, InfoBatch
 from .policies import ClampPolicy, PercentilePolicy, ThresholdPolicy, Traditional, UniformPolicy
 from .selector import SelectiveBackprop, _SelectorBase
 
-__all__ = ["StrategyOptions", "STRATEGIES", "build_selector"]
+__all__ = ["StrategyOptions", "STRATEGIES", "build_selector", "selectivity_options"]
 
 
 @dataclass
@@ -113,3 +113,35 @@ def build_selector(name: str, model: nn.Module, dataset_size: int, **options: An
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
     return STRATEGIES[name](model, dataset_size, StrategyOptions(**options))
+
+
+def selectivity_options(strategy: str, fraction: float) -> dict[str, Any]:
+    """Options that make ``strategy`` backprop about ``fraction`` of the examples it sees (static selectivity).
+
+    SB / StaleSB: ``beta = 1/fraction - 1`` (the percentile rule selects ``1/(beta+1)`` of i.i.d. losses; primed
+    epochs still backprop everything); random: ``rate = fraction``; Kath18: ``presample = round(1/fraction)``
+    (once importance sampling is on, one batch of b per presample of k*b); Composer's rule: ``keep = fraction``
+    (while it is active). Traditional is the baseline and takes no option. Threshold, clamp and InfoBatch have
+    no selectivity knob: ``ValueError``.
+
+    Example:
+        >>> selectivity_options("sb", 0.2), selectivity_options("kath18", 0.2)
+        ({'beta': 4.0}, {'presample': 5})
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"selectivity must be a fraction in (0, 1], got {fraction!r}")
+    options: dict[str, dict[str, Any]] = {
+        "traditional": {},
+        "sb": {"beta": 1 / fraction - 1},
+        "stale-sb": {"beta": 1 / fraction - 1},
+        "random": {"rate": fraction},
+        "kath18": {"presample": max(1, round(1 / fraction))},
+        "composer-sb": {"keep": fraction},
+    }
+    if strategy not in options:
+        raise ValueError(
+            f"strategy {strategy!r} cannot be tuned to a selectivity; use one of {', '.join(options)} with it"
+        )
+    if strategy in ("sb", "stale-sb") and fraction == 1:
+        raise ValueError("selectivity 1 would need beta = 0; use the traditional strategy instead")
+    return options[strategy]
