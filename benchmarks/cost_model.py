@@ -1,9 +1,10 @@
 """Cost model: is an SB epoch as cheap as F + s*T predicts, and does Traditional cost what a bare loop costs?
 
 F = seconds per example of an eval-mode no-grad forward, T = seconds per example of a training step
-(forward + backward + SGD step), both measured here at the training batch size on the same data. For a measured
-selected fraction s, an SB epoch should cost N*(F + s*T) and a StaleSB epoch N*(F/n + s*T) (averaged over the
-n-epoch staleness cycle). Targets: actual / predicted <= 1.10, and Traditional through the trainer / a bare
+(forward + backward + SGD step), both measured here at the training batch size on the same data, and D = seconds
+per epoch of the data pipeline (the same for every strategy). For a measured selected fraction s, an SB epoch
+should cost D + N*(F + s*T) and a StaleSB epoch D + N*(F/n + s*T) (averaged over the n-epoch staleness cycle).
+Targets: actual / predicted <= 1.10, and Traditional through the trainer / a bare
 hand-written loop <= 1.05.
 
 Run by hand:  .venv/bin/python benchmarks/cost_model.py [--train-limit 12800] [--beta 3] [--device cpu]
@@ -60,6 +61,17 @@ def per_example_costs(trainer: Trainer, batches: int) -> tuple[float, float]:
     return sorted(fwd)[len(fwd) // 2], sorted(step)[len(step) // 2]
 
 
+def data_epoch(trainer: Trainer) -> float:
+    """D: seconds to draw one epoch of batches (shuffle, gather, augment, normalize) with no model work."""
+    loader = sbdata.DeviceLoader(trainer.train_set, trainer.config.batch_size, augment=trainer.augment, seed=11)
+    sync(trainer.device)
+    t = time.perf_counter()
+    for x, _, _ in loader:
+        x.contiguous(memory_format=trainer.memory_format)
+    sync(trainer.device)
+    return time.perf_counter() - t
+
+
 def bare_epoch(trainer: Trainer) -> float:
     """One epoch of the plainest loop over the same on-device loader: the floor Traditional is held to."""
     model, opt, device = trainer.model, trainer.optimizer, trainer.device
@@ -103,6 +115,7 @@ def main() -> None:
             if strategy == "traditional":
                 fwd, step = per_example_costs(trainer, batches=30)
                 bare = bare_epoch(trainer)
+                data_s = min(data_epoch(trainer) for _ in range(3))
             trainer.run()
             results[strategy] = epoch_times(read_metrics(work / strategy))
         n = args.train_limit
@@ -110,18 +123,18 @@ def main() -> None:
         print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
               f"N={n} batch={trainer.config.batch_size} beta={args.beta} staleness={args.staleness}")  # fmt: skip
         print(f"F (scoring forward) = {fwd * 1e6:.1f} us/example, T (train step) = {step * 1e6:.1f} us/example, "
-              f"F/T = {fwd / step:.2f}")  # fmt: skip
+              f"F/T = {fwd / step:.2f}, D (data pipeline) = {data_s:.2f}s/epoch")  # fmt: skip
         trad = [t for t, _ in results["traditional"]]
         trad_epoch = sum(trad) / len(trad)
         print(f"Traditional epoch via trainer {trad_epoch:.2f}s vs bare loop {bare:.2f}s: ratio {trad_epoch / bare:.3f}"
-              f" (target <= 1.05); predicted N*T = {n * step:.2f}s")  # fmt: skip
+              f" (target <= 1.05); predicted D + N*T = {data_s + n * step:.2f}s")  # fmt: skip
         for strategy, scoring in (("sb", fwd), ("stale-sb", fwd / args.staleness)):
             sel = results[strategy][1:]  # skip the primed epoch
             actual = sum(t for t, _ in sel) / len(sel)
             s = sum(f for _, f in sel) / len(sel)
-            predicted = n * (scoring + s * step)
+            predicted = data_s + n * (scoring + s * step)
             formula = "F" if strategy == "sb" else "F/n"
-            print(f"{strategy:>9}: selected s = {s:.3f}, epoch {actual:.2f}s, predicted N*({formula} + s*T) = "
+            print(f"{strategy:>9}: selected s = {s:.3f}, epoch {actual:.2f}s, predicted D + N*({formula} + s*T) = "
                   f"{predicted:.2f}s, actual/predicted = {actual / predicted:.3f} (target <= 1.10), "
                   f"per-epoch speedup vs Traditional {trad_epoch / actual:.2f}x")  # fmt: skip
     finally:

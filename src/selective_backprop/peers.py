@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .selector import Batch, LossFn, _SelectorBase
+from .selector import Batch, LossFn, _SelectorBase, check_index_range
 
 __all__ = [
     "InfoBatch",
@@ -230,14 +230,7 @@ class InfoBatch(_SelectorBase):
                 self.threshold = self.threshold.to(device)
 
     def _check_indices(self, indices: Tensor) -> None:
-        bad = (indices < 0) | (indices >= self.dataset_size)
-        if bool(bad.any()):
-            pos = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"dataset index {int(indices[pos])} at batch position {pos} is out of range for InfoBatch's "
-                f"score table of dataset_size={self.dataset_size}; pass dataset_size=len(train_set) and 0-based "
-                "indices"
-            )
+        check_index_range(indices, self.dataset_size, "InfoBatch's score table")
 
     def _observe(self, batch: Batch, outputs: Tensor, losses: Tensor) -> None:
         assert batch.indices is not None

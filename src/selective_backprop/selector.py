@@ -141,6 +141,17 @@ def _rows(t: Tensor | None, start: int, stop: int | None) -> Tensor | None:
     return None if t is None else t[start:stop]
 
 
+def check_index_range(indices: Tensor, size: int, owner: str) -> None:
+    """Raise ``ValueError`` naming the first dataset index outside ``[0, size)`` and its batch position."""
+    bad = (indices < 0) | (indices >= size)
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"dataset index {int(indices[pos])} at batch position {pos} is out of range for {owner} of "
+            f"dataset_size={size}; pass dataset_size=len(train_set) and 0-based indices"
+        )
+
+
 class LossCache:
     """StaleSB's per-dataset-index memory: the last loss of every example and its age in visits.
 
@@ -176,13 +187,7 @@ class LossCache:
         return self
 
     def check_indices(self, indices: Tensor) -> None:
-        bad = (indices < 0) | (indices >= self.size)
-        if bool(bad.any()):
-            pos = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"dataset index {int(indices[pos])} at batch position {pos} is out of range for the StaleSB "
-                f"cache of dataset_size={self.size}; pass dataset_size=len(train_set) and 0-based indices"
-            )
+        check_index_range(indices, self.size, "the StaleSB cache")
 
     def visit(self, indices: Tensor) -> Tensor:
         """Age the visited entries by one; return the mask of those needing a fresh loss (their age is reset)."""
