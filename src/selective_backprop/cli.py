@@ -278,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except (RunExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # TrainingDiverged: 3
+    except OSError as e:  # a write failed (disk full, read-only folder): the message names the file
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

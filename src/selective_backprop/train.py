@@ -10,16 +10,39 @@ The training step, top to bottom (``Trainer._epoch``)::
     evaluate on the test set (not counted as training time), log a row, checkpoint
 
 Run folder: ``config.json``, ``environment.json``, ``metrics.jsonl`` (one row per evaluation, the first before
-any training), ``checkpoint.pt`` (atomic, every epoch and on Ctrl-C / SIGTERM), and at the end
-``selection_counts.npy`` (times each training example was backpropagated), ``train_confidence.npy`` (final
-true-class softmax probability of each training example, eval mode, no augmentation), ``noisy_indices.npy``
-(with label noise) and ``final.json``.
+any training), ``checkpoint.pt`` (every epoch and on Ctrl-C / SIGTERM) with the one before it kept as
+``checkpoint.prev.pt``, and at the end ``selection_counts.npy`` (times each training example was
+backpropagated), ``train_confidence.npy`` (final true-class softmax probability of each training example, eval
+mode, no augmentation), ``noisy_indices.npy`` (with label noise) and ``final.json``.
+
+Faults:
+
+* **Checkpoint files** are ``torch.save`` of ``{"format": 1, "sha256": hex, "payload": uint8 tensor, "epoch",
+  "batches_done", "metrics_rows"}``: the payload is the ``torch.save`` bytes of the training state and
+  ``sha256`` its digest (the other keys are copies for a quick look). Every write goes to a temporary file in
+  the same folder, is fsynced, and only then renamed over ``checkpoint.pt``, the old one first renamed to
+  ``checkpoint.prev.pt``; a failed write (disk full, read-only folder) raises ``OSError`` naming the file and
+  leaves both checkpoints and the results as they were. Resume takes ``checkpoint.pt`` unless it fails to
+  load or its checksum, then ``checkpoint.prev.pt`` (with a warning naming the file and the reason), cuts
+  ``metrics.jsonl`` back to the rows the checkpoint had logged and deletes leftover temporary files.
+* **Non-finite losses** (NaN/inf, training or scoring): ``nonfinite="raise"`` (default) stops with
+  :class:`TrainingDiverged` naming the step, the epoch, the dataset indices and the last good checkpoint,
+  before the optimizer steps; ``"skip"`` drops that optimizer step (counted as ``skipped_steps`` in the metrics
+  rows) and scoring losses that are not finite count as not selected. Parameters that are no longer finite
+  when a checkpoint is due always stop the run: no checkpoint is written from them.
+
+Exit codes of ``selective-backprop train`` / ``compare``: ``0`` done; ``1`` a file could not be written (disk
+full, read-only folder: the message names the file); ``2`` bad configuration, data or checkpoint (the message
+names the value or file and the fix); ``3`` training diverged (:class:`TrainingDiverged`); ``130`` / ``143``
+interrupted by SIGINT / SIGTERM after writing a checkpoint (continue with ``--resume``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
+import io
 import json
 import math
 import os
@@ -45,9 +68,23 @@ from .models import build_model
 from .selector import Batch, _SelectorBase
 from .strategies import STRATEGIES, build_selector
 
-__all__ = ["TrainConfig", "Trainer", "train", "Interrupted", "RunExistsError", "lr_at", "write_atomic"]
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "train",
+    "Interrupted",
+    "RunExistsError",
+    "TrainingDiverged",
+    "CheckpointError",
+    "lr_at",
+    "write_atomic",
+    "write_checkpoint",
+    "read_checkpoint",
+]
 
 INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pt", "checkpoint.prev.pt"
+CHECKPOINT_FORMAT = 1
 
 
 def _h(text: str, **kw: Any) -> Any:
@@ -96,6 +133,8 @@ class TrainConfig:
     threads: int | None = _h("torch CPU threads (default: torch's choice)", default=None)
     data_dir: str | None = _h("folder with the dataset's official files", default=None)
     download: bool = _h("download the dataset if it is not found", default=False)
+    nonfinite: str = _h("on a NaN/inf loss: raise (stop, exit code 3) | skip (drop that optimizer step)",
+                        default="raise")  # fmt: skip
 
     def __post_init__(self) -> None:
         checks = [
@@ -106,6 +145,7 @@ class TrainConfig:
             (0.0 <= self.label_noise <= 1.0, "label_noise must be a fraction in [0, 1]"),
             (all(0 < m < 1 for m in self.lr_milestones), "lr_milestones must be fractions in (0, 1)"),
             (self.eval_every is None or self.eval_every > 0, "eval_every must be > 0"),
+            (self.nonfinite in ("raise", "skip"), "nonfinite must be raise or skip"),
         ]
         for ok, message in checks:
             if not ok:
@@ -133,6 +173,33 @@ class RunExistsError(FileExistsError):
     pass
 
 
+class TrainingDiverged(ValueError):
+    """A loss or the parameters became NaN/inf; training stopped before the optimizer stepped on it.
+
+    Attributes:
+        step: the 1-based training step (optimizer steps taken or skipped before it, plus one).
+        epoch: the 0-based epoch it happened in (shown 1-based in the message, as in the progress bar).
+        indices: dataset indices of the examples with a non-finite loss (``None`` for non-finite parameters).
+        checkpoint: the last good checkpoint to go back to, or ``None`` if none was written yet.
+    """
+
+    exit_code = 3  # of the command line
+
+    def __init__(self, what: str, step: int, epoch: int, epochs: int, indices: list[int] | None,
+                 checkpoint: Path | None) -> None:  # fmt: skip
+        self.step, self.epoch, self.indices, self.checkpoint = step, epoch, indices, checkpoint
+        where = "" if indices is None else f" at dataset indices {indices}"
+        last = f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        super().__init__(
+            f"training diverged: {what}{where} at step {step} (epoch {epoch + 1}/{epochs}); {last}. Lower --lr, "
+            "check those examples, or pass --nonfinite skip to drop such steps"
+        )
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, truncated, of an unknown format or failing its checksum."""
+
+
 def lr_at(config: TrainConfig, progress: float) -> float:
     """The learning rate at ``progress`` = fraction of the budget done, counted in ``config.lr_unit``.
 
@@ -148,20 +215,90 @@ def lr_at(config: TrainConfig, progress: float) -> float:
     return config.lr * config.lr_gamma ** sum(progress >= m for m in config.lr_milestones)
 
 
-def write_atomic(path: Path, write: Any) -> None:
-    """Write a file via a temporary file in the same folder, fsync and rename: readers never see a torn file."""
+def write_atomic(path: Path, write: Any, backup: Path | None = None) -> None:
+    """Write a file via a temporary file in the same folder, fsync and rename: readers never see a torn file.
+
+    Args:
+        path: the file to (re)place.
+        write: ``write(f)`` writes the content to the binary file object ``f``.
+        backup: if given and ``path`` exists, ``path`` is first renamed to ``backup`` (after the new content is
+            safely on disk, so a failed write leaves both as they were).
+
+    Raises:
+        OSError: naming ``path`` and the cause (``errno`` kept) when the folder is full, read-only, ...; the
+            temporary file is removed and ``path`` (and ``backup``) are left untouched.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if backup is not None and path.exists():
+            os.replace(path, backup)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        _fsync_dir(path.parent)
+    except OSError as e:
+        cause = e.strerror or str(e)
+        raise OSError(e.errno, f"could not write {path} ({cause}); the previous file was left as it was") from e
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable where the OS allows it (best effort: not on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(path: Path, state: dict[str, Any], backup: Path | None = None) -> None:
+    """Save ``state`` atomically with its SHA-256 (format in the module docstring); see :func:`write_atomic`."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    envelope = {
+        "format": CHECKPOINT_FORMAT,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+        **{k: state[k] for k in ("epoch", "batches_done", "metrics_rows") if k in state},
+    }
+    write_atomic(path, lambda f: torch.save(envelope, f), backup=backup)
+
+
+def read_checkpoint(path: Path, map_location: Any = None) -> dict[str, Any]:
+    """The state saved by :func:`write_checkpoint` at ``path``, its checksum verified.
+
+    Raises:
+        CheckpointError: naming ``path`` and the reason when it cannot be read or unpickled, is truncated, is
+            not of this format, or its payload does not match its SHA-256.
+    """
+    try:  # weights_only: the envelope holds plain values and one tensor; reading it runs no pickled code
+        envelope = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types on a torn or foreign file
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(envelope, dict) or envelope.get("format") != CHECKPOINT_FORMAT or "payload" not in envelope:
+        raise CheckpointError(f"{path}: not a checksummed checkpoint (format {CHECKPOINT_FORMAT}); was it written "
+                              "by an older version?")  # fmt: skip
+    payload = envelope["payload"].numpy().tobytes()
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != envelope.get("sha256"):
+        raise CheckpointError(f"{path}: checksum mismatch (sha256 of the payload is {digest}, the file says "
+                              f"{envelope.get('sha256')}): the file is corrupt")  # fmt: skip
+    try:
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{path}: the payload cannot be unpickled ({type(e).__name__}: {e})") from e
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -247,11 +384,16 @@ class Trainer:
         self.selection_counts = torch.zeros(n, dtype=torch.int64, device=self.device)
         self.interval = {"loss_sum": torch.zeros((), device=self.device), "losses": 0, "seen": 0, "selected": 0}
         self.metrics_rows = 0
+        self.skipped_steps = 0  # optimizer steps dropped on a non-finite loss (nonfinite="skip")
         self.next_eval = config.eval_every
+        self.last_checkpoint: Path | None = None
         self._stop_signal: int | None = None
-        if resume and (self.out / "checkpoint.pt").exists():
+        if config.nonfinite == "skip" and hasattr(self.selector, "nonfinite"):
+            self.selector.nonfinite = "skip"  # NaN/inf scoring losses: not selected (SelectiveBackprop's option)
+        if resume and any((self.out / name).exists() for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
             self._load_checkpoint()
         else:
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)  # rows of a run that never checkpointed
             _write_json(self.out / "config.json", config.to_json())
             _write_json(self.out / "environment.json", environment(self.device))
 
@@ -265,6 +407,9 @@ class Trainer:
                     f"run folder {self.out} already exists; pass --resume to continue it or --overwrite to replace it"
                 )
         self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            for leftover in self.out.glob(".*.tmp"):  # torn temporary files of writes that never finished
+                leftover.unlink()
 
     def _load_data(self) -> None:
         c = self.config
@@ -304,21 +449,41 @@ class Trainer:
             "selection_counts": self.selection_counts,
             "interval": dict(self.interval),
             "metrics_rows": self.metrics_rows,
+            "skipped_steps": self.skipped_steps,
             "next_eval": self.next_eval,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
 
     def save_checkpoint(self) -> Path:
-        path = self.out / "checkpoint.pt"
-        state = self._state()
-        write_atomic(path, lambda f: torch.save(state, f))
+        """Write ``checkpoint.pt`` (the previous one becomes ``checkpoint.prev.pt``); return its path."""
+        path = self.out / CHECKPOINT
+        write_checkpoint(path, self._state(), backup=self.out / PREVIOUS_CHECKPOINT)
+        self.last_checkpoint = path
         return path
 
+    def _read_latest_checkpoint(self) -> tuple[dict[str, Any], Path]:
+        """The newest checkpoint that loads and passes its checksum; warns about each one rejected."""
+        problems = []
+        for path in (self.out / CHECKPOINT, self.out / PREVIOUS_CHECKPOINT):
+            if not path.exists():
+                problems.append(f"{path}: missing")
+                continue
+            try:
+                return read_checkpoint(path, map_location=self.device), path
+            except CheckpointError as e:
+                problems.append(str(e))
+                print(f"warning: rejected checkpoint {e}", file=sys.stderr, flush=True)
+        raise CheckpointError(
+            f"cannot resume {self.out}: no usable checkpoint ({'; '.join(problems)}); start it again with --overwrite"
+        )
+
     def _load_checkpoint(self) -> None:
-        path = self.out / "checkpoint.pt"
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        saved = {k: v for k, v in state["config"].items() if k not in ("epochs", "device", "threads")}
+        state, path = self._read_latest_checkpoint()
+        if path.name != CHECKPOINT:
+            print(f"warning: resuming from the previous checkpoint {path} (epoch {state['epoch']})", file=sys.stderr)
+        skip = ("epochs", "device", "threads", "nonfinite")  # may change on resume
+        saved = {k: v for k, v in state["config"].items() if k not in skip}
         ours = {k: v for k, v in self.config.to_json().items() if k in saved}
         if json.loads(json.dumps(saved)) != json.loads(json.dumps(ours)):
             diff = sorted(k for k in saved if json.dumps(saved[k]) != json.dumps(ours.get(k)))
@@ -333,6 +498,8 @@ class Trainer:
         self.selection_counts = state["selection_counts"].to(self.device)
         self.interval = state["interval"]
         self.metrics_rows, self.next_eval = state["metrics_rows"], state["next_eval"]
+        self.skipped_steps = state["skipped_steps"]
+        self.last_checkpoint = path
         torch.set_rng_state(state["torch_rng"].cpu())
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -351,7 +518,17 @@ class Trainer:
         lr = lr_at(c, done / (c.epochs * len(self.train_set)))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = batch.loss(self.model(batch.inputs))
+        outputs = self.model(batch.inputs)
+        try:
+            loss = batch.loss(outputs)  # raises ValueError on a NaN/inf loss, before anything is recorded
+        except ValueError as e:
+            bad = self._nonfinite(outputs, batch.targets, batch.indices)
+            if not bad:
+                raise
+            if c.nonfinite == "raise":
+                raise self._diverged("non-finite training loss", bad) from e
+            self.skipped_steps += 1
+            return
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -359,6 +536,31 @@ class Trainer:
         self.interval["losses"] += len(batch)
         if batch.indices is not None:
             self.selection_counts.index_add_(0, batch.indices, torch.ones_like(batch.indices))
+
+    @torch.no_grad()
+    def _nonfinite(self, outputs: Tensor | None, targets: Tensor, indices: Tensor | None, inputs: Any = None
+                   ) -> list[int]:  # fmt: skip
+        """Dataset indices (batch positions without indices) whose loss is NaN/inf. Error path only: it syncs.
+
+        Without ``outputs`` the scoring forward is redone on ``inputs`` in eval mode.
+        """
+        if outputs is None:
+            was_training = self.model.training
+            self.model.eval()
+            outputs = self.model(inputs)
+            self.model.train(was_training)
+        where = (~torch.isfinite(self.selector.loss_fn(outputs.detach(), targets))).nonzero().squeeze(1)
+        return (where if indices is None else indices[where]).tolist()
+
+    def _diverged(self, what: str, indices: list[int] | None) -> TrainingDiverged:
+        step = int(self.selector.counters["steps"]) + self.skipped_steps + 1
+        return TrainingDiverged(what, step, self.epoch, self.config.epochs, indices, self.last_checkpoint)
+
+    def _check_parameters(self) -> None:
+        """Refuse to log or checkpoint a model whose parameters are no longer finite."""
+        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise self._diverged(f"non-finite parameters {bad[:3]}{' ...' if len(bad) > 3 else ''}", None)
 
     def _timed_steps(self, batches: list[Batch]) -> None:
         t = time.perf_counter()
@@ -382,11 +584,19 @@ class Trainer:
             self._sync()
             self.times["data_s"] += time.perf_counter() - t
             if item is None:
+                self.loader_state = self.loader.state_dict()  # an end-of-epoch checkpoint starts the next epoch
                 break
             before = self.selector.counters
             t = time.perf_counter()
             inputs, targets, indices = item
-            batches = self.selector.select(inputs.contiguous(memory_format=self.memory_format), targets, indices)
+            inputs = inputs.contiguous(memory_format=self.memory_format)
+            try:
+                batches = self.selector.select(inputs, targets, indices)
+            except ValueError as e:  # a NaN/inf scoring loss (nonfinite="raise"), or a genuine bad input
+                bad = self._nonfinite(None, targets, indices, inputs)
+                if not bad:
+                    raise
+                raise self._diverged("non-finite scoring loss", bad) from e
             self._sync()
             elapsed = time.perf_counter() - t
             score = self.selector.counters["score_time_s"] - before["score_time_s"]
@@ -399,6 +609,7 @@ class Trainer:
             if bar is not None:
                 bar.update(len(item[0]))
             if self._stop_signal is not None:
+                self._check_parameters()
                 raise Interrupted(self._stop_signal, self.save_checkpoint())
             if self.next_eval is not None and self.selector.counters["seen"] >= self.next_eval:
                 self.next_eval += self.config.eval_every  # type: ignore[operator]
@@ -443,6 +654,7 @@ class Trainer:
             "skipped_forwards": int(c["skipped_forwards"]),
             "backprops": int(c["backpropagated"]),
             "steps": int(c["steps"]),
+            "skipped_steps": self.skipped_steps,
             "wall_train_s": sum(self.times.values()),
             **{f"time_{k}": v for k, v in self.times.items()},
             "test_error": error,
@@ -473,6 +685,7 @@ class Trainer:
                 finally:
                     if bar is not None:
                         bar.close()
+                self._check_parameters()
                 row = self._log()
                 self.save_checkpoint()
                 if not self.progress:
