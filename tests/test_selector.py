@@ -496,3 +496,11 @@ class TestBadInput:
         sb = SelectiveBackprop(IndexLossModel())
         with pytest.raises(TypeError, match=r"\(inputs, targets\) or \(inputs, targets, indices\)"):
             list(sb.iterate([torch.zeros(3)]))
+
+
+def test_state_taken_before_the_first_coin_carries_the_seed():
+    x, y, idx = index_data(64)
+    a = SelectiveBackprop(IndexLossModel(), batch_size=4, beta=1, prime_epochs=0, seed=5)
+    b = SelectiveBackprop(IndexLossModel(), batch_size=4, beta=1, prime_epochs=0, seed=99)
+    b.load_state_dict(a.state_dict())
+    assert [t.indices.tolist() for t in a.select(x, y, idx)] == [t.indices.tolist() for t in b.select(x, y, idx)]

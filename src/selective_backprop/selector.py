@@ -316,6 +316,7 @@ class _SelectorBase:
         """Everything needed to continue with identical selections (not the model, not the loss function)."""
         gen = self._generator.get_state() if self._generator is not None else self._generator_state
         return {
+            "seed": self.seed,
             "epoch": self.epoch,
             "counters": dict(self._counters),
             "generator": None if gen is None else gen.clone(),
@@ -324,11 +325,10 @@ class _SelectorBase:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = state["epoch"]
+        self.seed = state.get("seed", self.seed)  # a state taken before the first coin holds only the seed
         self._counters = {**dict.fromkeys(COUNTER_NAMES, 0), **state["counters"]}
         self._generator_state = None if state["generator"] is None else state["generator"].clone()
-        if self._generator is not None and self._generator_state is not None:
-            self._generator.set_state(self._generator_state)
-            self._generator_state = None
+        self._generator = None  # re-created on the next batch's device from the seed, then the saved state
         self.queue.load_state_dict(state["queue"])
 
     # ----- shared machinery -------------------------------------------------------------------------------
