@@ -232,6 +232,12 @@ def test_compare_label_noise_grid_and_static_selectivity(tiny_fmnist, tmp_path, 
     assert sb_config["beta"] == pytest.approx(4.0) and sb_config["label_noise"] == 0.2
     assert json.loads((out / "random-n0-s0" / "config.json").read_text())["rate"] == pytest.approx(0.2)
     assert len(np.load(out / "traditional-n0.2-s0" / "noisy_indices.npy")) == round(0.2 * 512)
+    trad_rows = read_metrics(out / "traditional-n0.2-s0")  # Traditional backprops each noisy example once per epoch
+    assert [r["noisy_backprops"] for r in trad_rows] == [k * round(0.2 * 512) for k in range(len(trad_rows))]
+    assert read_metrics(out / "traditional-n0-s0")[-1]["noisy_backprops"] is None
+    assert main(["report", str(out), "--no-images"]) == 0
+    assert (out / "figures" / "noisy_share_0.2.png").stat().st_size > 1000
+    assert "noisy_share_0.2.png" in (out / "report.md").read_text()
     rows = json.loads((out / "summary.json").read_text())["rows"]
     assert {(r["strategy"], r["label_noise"]) for r in rows} == {
         (f"{s}-n{n:g}", n) for s in ("traditional", "sb", "random") for n in (0.0, 0.2)

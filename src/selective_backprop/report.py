@@ -791,6 +791,37 @@ def _section_noise(doc: _Doc, ctx: _Ctx) -> None:
             + ["noisy examples", "backprops on noisy", "ratio"],
             rows,
         )
+        _noisy_share_figure(doc, ctx, level, groups)
+
+
+def _noisy_share_figure(doc: _Doc, ctx: _Ctx, level: float, groups: dict[str, list[Run]]) -> None:
+    """Share of the backprops so far spent on noisy examples, at each evaluation (``noisy_backprops`` rows)."""
+    curves = {
+        label: [
+            [(row["backprops"], row["noisy_backprops"] / row["backprops"]) for row in r.rows
+             if row.get("noisy_backprops") is not None and row["backprops"] > 0]
+            for r in group
+        ]
+        for label, group in groups.items()
+    }  # fmt: skip
+    if not any(points for runs in curves.values() for points in runs):
+        doc.p("No `noisy_backprops` in these runs' metrics (written by newer versions): no share-over-time figure.")
+        return
+    fig = ctx.new_figure(figsize=(8, 4.2))
+    ax = fig.subplots()
+    for i, (label, runs) in enumerate(curves.items()):
+        for k, points in enumerate(runs):
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, color=f"C{i % 10}", marker=".", alpha=1.0 if k == 0 else 0.4,
+                        label=label if k == 0 else None)  # fmt: skip
+    ax.axhline(level, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_xlabel(AXES["backprops"])
+    ax.set_ylabel("share of backprops on noisy examples")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    doc.figure(f"noisy_share_{level:g}.png", fig, f"Label noise {level:g}: share of backprops spent on noisy "
+               "examples so far (dashed: the noise fraction, what uniform training spends)")  # fmt: skip
 
 
 def _section_paper(doc: _Doc, ctx: _Ctx) -> None:

@@ -655,6 +655,10 @@ class Trainer:
             "backprops": int(c["backpropagated"]),
             "steps": int(c["steps"]),
             "skipped_steps": self.skipped_steps,
+            # backprops spent so far on examples whose label was randomized (None without label noise)
+            "noisy_backprops": int(self.selection_counts[self.noisy_indices.to(self.device)].sum())
+            if len(self.noisy_indices)
+            else None,
             "wall_train_s": sum(self.times.values()),
             **{f"time_{k}": v for k, v in self.times.items()},
             "test_error": error,
