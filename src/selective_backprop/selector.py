@@ -21,13 +21,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .policies import PercentilePolicy, Policy
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from .distributed import Collectives
 
 __all__ = [
     "Batch",
@@ -94,27 +99,32 @@ class BackpropQueue:
     def __len__(self) -> int:
         return self._size
 
-    def push(self, *fields: Tensor | None) -> list[Fields]:
-        """Queue examples; return every full batch now ready (possibly none)."""
+    def push(self, *fields: Tensor | None, max_batches: int | None = None) -> list[Fields]:
+        """Queue examples; return every full batch now ready (possibly none), or at most ``max_batches`` of them.
+
+        Full batches held back by ``max_batches`` stay queued, in order (distributed lockstep).
+        """
         n = len(fields[0])  # type: ignore[arg-type]
-        if n == 0:
-            return []
         bs = self.batch_size
-        if self._size == 0 and n == bs:  # common case (Traditional, priming): no copy at all
+        full = (self._size + n) // bs if max_batches is None else min(max_batches, (self._size + n) // bs)
+        if self._size == 0 and n == bs and full == 1:  # common case (Traditional, priming): no copy at all
             return [fields]
-        self._chunks.append(fields)
-        self._size += n
-        if self._size < bs:
+        if n:
+            self._chunks.append(fields)
+            self._size += n
+        if full <= 0:
             return []
         merged = self._merge()
-        full = self._size // bs
         batches = [tuple(_rows(f, i * bs, (i + 1) * bs) for f in merged) for i in range(full)]
         self._size -= full * bs
         self._chunks = [tuple(_rows(f, full * bs, None) for f in merged)] if self._size else []
         return batches
 
     def flush(self) -> Fields | None:
-        """Return everything queued as one (smaller) batch and empty the queue, or ``None`` if empty."""
+        """Return everything queued as one batch and empty the queue, or ``None`` if empty.
+
+        The batch is smaller than ``batch_size`` unless ``push(max_batches=...)`` held full batches back.
+        """
         if not self._size:
             return None
         merged = self._merge()
@@ -221,6 +231,8 @@ class Batch:
         indices: their dataset indices, or ``None`` if the loader gave none.
         weights: per-example loss weights (importance sampling), or ``None`` for a plain mean.
         primed: ``True`` for batches taken unconditionally during priming epochs.
+        padding: ``True`` for a distributed rank's zero-weight stand-in batch (see
+            :mod:`selective_backprop.distributed`): its loss is 0 with a zero gradient, and it is recorded nowhere.
     """
 
     inputs: Tensor
@@ -228,6 +240,7 @@ class Batch:
     indices: Tensor | None = None
     weights: Tensor | None = None
     primed: bool = False
+    padding: bool = False
     _selector: _SelectorBase | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -256,6 +269,7 @@ class _SelectorBase:
         seed: int,
         score_mode: Literal["eval", "train"],
         flush: Literal["epoch", "never"],
+        distributed: bool | ProcessGroup = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -274,6 +288,16 @@ class _SelectorBase:
         self._counters: dict[str, float] = dict.fromkeys(COUNTER_NAMES, 0)
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None  # restored state waiting for the first batch's device
+        # Global selection over a process group (selective_backprop.distributed): None when single-process.
+        self._comm: Collectives | None = None
+        self.rank = 0
+        if distributed is not False and distributed is not None:
+            from .distributed import Collectives, unwrap_model
+
+            self._comm = Collectives(None if distributed is True else distributed)
+            self.rank = self._comm.rank
+            self.model = unwrap_model(model)  # the scoring forward must not run DDP's collectives
+            self._last_seen: tuple[Tensor, Tensor] | None = None  # source of padding batches
 
     # ----- public API -------------------------------------------------------------------------------------
     @property
@@ -289,9 +313,20 @@ class _SelectorBase:
         raise NotImplementedError
 
     def flush(self) -> list[Batch]:
-        """Return whatever is queued as one smaller batch (or nothing), emptying the queue."""
+        """Return whatever is queued as one smaller batch (or nothing), emptying the queue.
+
+        Distributed: the queue in batches of ``batch_size`` (the last smaller), padded with zero-weight batches
+        up to the largest count on any rank, so every rank takes the same number of steps.
+        """
         fields = self.queue.flush()
-        return [] if fields is None else [self._batch(fields)]
+        if self._comm is None:
+            return [] if fields is None else [self._batch(fields)]
+        batches: list[Batch] = []
+        if fields is not None:
+            n, bs = len(fields[0]), self.batch_size  # type: ignore[arg-type]
+            batches = [self._batch(tuple(_rows(f, i, i + bs) for f in fields)) for i in range(0, n, bs)]
+        steps = self._comm.all_reduce_int(len(batches), "max", "all_reduce(MAX) of the flush batch counts")
+        return batches + [self._padding_batch() for _ in range(steps - len(batches))]
 
     def end_epoch(self) -> list[Batch]:
         """Advance the epoch counter; with ``flush='epoch'`` also return the queue's remainder to train on."""
@@ -336,7 +371,7 @@ class _SelectorBase:
         gen = self._generator
         if gen is None or gen.device.type != device.type:
             gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
+            gen.manual_seed(self.seed + self.rank)  # distributed: independent coins per rank
             if self._generator_state is not None:
                 gen.set_state(self._generator_state)
                 self._generator_state = None
@@ -357,6 +392,13 @@ class _SelectorBase:
                 f"indices must be a 1-D integer tensor of dataset indices, got dtype {indices.dtype} "
                 f"shape {tuple(indices.shape)}"
             )
+        if self._comm is not None:
+            if m == 0:
+                raise ValueError(
+                    f"rank {self.rank} offered an empty batch; in distributed mode every rank must offer a "
+                    "non-empty batch at every step (use selective_backprop.distributed.ShardedLoader)"
+                )
+            self._last_seen = (inputs[:2], targets[:2])  # two rows: BatchNorm1d rejects a batch of one
         return m
 
     def _per_example(self, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -381,10 +423,29 @@ class _SelectorBase:
             self.model.train(was_training)
         return outputs, losses
 
+    def _push(self, *fields: Tensor | None) -> list[Fields]:
+        """Queue selected examples; distributed, release only as many full batches as every rank has ready."""
+        if self._comm is None:
+            return self.queue.push(*fields)
+        ready = (len(self.queue) + len(fields[0])) // self.batch_size  # type: ignore[arg-type]
+        agreed = self._comm.all_reduce_int(ready, "min", "all_reduce(MIN) of the ready batch counts")
+        return self.queue.push(*fields, max_batches=agreed)
+
+    def _gathered(self, losses: Tensor) -> tuple[Tensor, int]:
+        """Every rank's ``losses`` in rank order and this rank's offset in them (``losses, 0`` single-process)."""
+        return (losses, 0) if self._comm is None else self._comm.all_gather(losses)
+
+    def _padding_batch(self) -> Batch:
+        if self._last_seen is None:
+            raise RuntimeError(f"rank {self.rank} must pad a distributed step but has seen no data yet")
+        inputs, targets = self._last_seen
+        weights = torch.zeros(len(targets), device=targets.device)
+        return Batch(inputs, targets, None, weights, padding=True, _selector=self)
+
     def _batch(self, fields: Fields, primed: bool = False) -> Batch:
         inputs, targets, indices = fields[:3]
         weights = fields[3] if len(fields) > 3 else None
-        return Batch(inputs, targets, indices, weights, primed, self)  # type: ignore[arg-type]
+        return Batch(inputs, targets, indices, weights, primed, _selector=self)  # type: ignore[arg-type]
 
     def _train_loss(self, batch: Batch, outputs: Tensor) -> Tensor:
         losses = self._per_example(outputs, batch.targets)
@@ -400,9 +461,11 @@ class _SelectorBase:
                 f"non-finite training loss at {where} (epoch {self.epoch}); stop and restore the last good "
                 "checkpoint, lower the learning rate or check those examples"
             )
+        self._counters["steps"] += 1
+        if batch.padding:
+            return (losses * 0.0).sum()  # zero gradient, but DDP still sees every parameter used
         self._observe(batch, outputs.detach(), detached)
         self._counters["backpropagated"] += len(batch)
-        self._counters["steps"] += 1
         return (losses * batch.weights).mean() if batch.weights is not None else losses.mean()
 
     def _observe(self, batch: Batch, outputs: Tensor, losses: Tensor) -> None:
@@ -435,6 +498,9 @@ class SelectiveBackprop(_SelectorBase):
             selected example is trained within its epoch; ``"never"``: the remainder carries over (call
             :meth:`flush` at the end of the run).
         seed: seed of the selector's own ``torch.Generator`` (the global RNGs are never touched).
+        distributed: ``True`` (default group) or a process group: global selection across data-parallel ranks,
+            see :mod:`selective_backprop.distributed` (the generator is then seeded ``seed + rank``).
+            Default: ``False``.
 
     Example:
         >>> model = nn.Linear(4, 3)
@@ -461,8 +527,9 @@ class SelectiveBackprop(_SelectorBase):
         nonfinite: Literal["raise", "skip"] = "raise",
         flush: Literal["epoch", "never"] = "epoch",
         seed: int = 0,
+        distributed: bool | ProcessGroup = False,
     ) -> None:
-        super().__init__(model, batch_size, loss_fn, seed, score_mode, flush)
+        super().__init__(model, batch_size, loss_fn, seed, score_mode, flush, distributed)
         self.policy: Policy = policy if policy is not None else PercentilePolicy(beta)
         if isinstance(prime_epochs, bool) or not isinstance(prime_epochs, int) or prime_epochs < 0:
             raise ValueError(f"prime_epochs must be an int >= 0, got {prime_epochs!r}")
@@ -504,7 +571,7 @@ class SelectiveBackprop(_SelectorBase):
             self.cache.check_indices(indices)
         if take_all:
             counters["selected"] += m
-            ready = self.queue.push(inputs, targets, indices)
+            ready = self._push(inputs, targets, indices)
         else:
             if self.policy.needs_loss:
                 t = time.perf_counter()
@@ -515,9 +582,7 @@ class SelectiveBackprop(_SelectorBase):
             keep = self._coin_flips(losses)
             chosen = keep.nonzero().squeeze(1)  # host sync: the queue needs the count
             counters["selected"] += len(chosen)
-            ready = self.queue.push(
-                inputs[chosen], targets[chosen], None if indices is None else indices[chosen]
-            )
+            ready = self._push(inputs[chosen], targets[chosen], None if indices is None else indices[chosen])
         batches = [self._batch(fields, self.priming) for fields in ready]
         counters["score_time_s"] += score_s
         counters["select_time_s"] += time.perf_counter() - start - score_s
@@ -545,19 +610,24 @@ class SelectiveBackprop(_SelectorBase):
         if self.nonfinite == "skip" and self.policy.needs_loss:
             finite = torch.isfinite(losses)
             keep = torch.zeros(len(losses), dtype=torch.bool, device=losses.device)
-            p = self.policy(losses[finite])
+            p = self._probabilities(losses[finite])
             keep[finite] = (
                 torch.rand(len(p), generator=self._rng(p.device), device=p.device, dtype=p.dtype) < p
             )
             return keep
-        p = self.policy(losses)
+        p = self._probabilities(losses)
         return torch.rand(len(p), generator=self._rng(p.device), device=p.device, dtype=p.dtype) < p
+
+    def _probabilities(self, losses: Tensor) -> Tensor:
+        """The policy's probabilities for ``losses``; distributed, the policy sees every rank's losses."""
+        gathered, offset = self._gathered(losses)
+        return self.policy(gathered)[offset : offset + len(losses)]
 
     def _observe(self, batch: Batch, outputs: Tensor, losses: Tensor) -> None:
         if batch.primed:
             record = getattr(self.policy, "record", None)
             if record is not None:
-                record(losses)
+                record(self._gathered(losses)[0])
             if self.cache is not None and batch.indices is not None:
                 self.cache.store(batch.indices, losses, fresh=True)
         elif self.cache is not None and self.refresh_on_backprop and batch.indices is not None:

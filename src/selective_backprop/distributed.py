@@ -1,0 +1,289 @@
+"""Data-parallel Selective-Backprop with *global* selection (``torch.distributed``: gloo on CPU, nccl on CUDA).
+
+Drop-in use, one process per rank (e.g. ``torchrun --nproc-per-node 2 train.py``)::
+
+    rank, world = init_distributed(timeout_s=60)                            # + this line
+    loader = ShardedLoader(train_set, batch_size=64, rank=rank, world_size=world, seed=0)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    sb = SelectiveBackprop(ddp, batch_size=64, beta=3, distributed=True)    # + distributed=True
+    for epoch in range(epochs):
+        for batch in sb.iterate(loader):
+            loss = batch.loss(ddp(batch.inputs))
+            optimizer.zero_grad()
+            loss.backward()                                                 # DDP averages the gradients
+            optimizer.step()
+
+What is global, what is per rank:
+
+* **Selection is global.** Every step each rank's scoring losses are all-gathered (unequal lengths allowed) and
+  the concatenation, in rank order, is fed to the policy on every rank. So the loss history -- hence every
+  percentile -- is identical on all ranks and equal to what one process computes when fed the union of the
+  ranks' batches in rank order. Primed (train-mode) losses are gathered the same way before they are recorded.
+  Each rank then keeps its own slice of the probabilities and flips its coins with its own generator, seeded
+  ``seed + rank`` (the ranks' coins are independent).
+* **StaleSB's cache is per rank.** With static sharding (:class:`ShardedLoader`) a rank only ever sees its own
+  dataset indices, so the cache needs no synchronisation; its cached (stale) losses still enter the gathered
+  history, exactly as they would in one process.
+* **Lockstep.** Ranks select different numbers of examples, but DDP needs the same number of backward passes on
+  every rank. After each loader batch the ranks agree (``all_reduce(MIN)``) on how many full batches they all
+  have ready and each yields exactly that many; the rest stay queued, in order. A rank that selects little
+  therefore holds the others' batches back until the end of the epoch (with ``flush='epoch'`` their queues
+  grow by at most one epoch's selections; with ``flush='never'`` until the next flush).
+  At :meth:`~selective_backprop.selector.SelectiveBackprop.flush` each rank splits its queue into
+  batches of ``batch_size`` (the last one smaller), the ranks agree (``all_reduce(MAX)``) on the number of flush
+  batches, and a rank with fewer yields *padding* batches: up to two examples of its last loader batch with
+  weight 0, so DDP's gradient all-reduce still matches. ``Batch.padding`` marks them; they count as a step but
+  not as backpropagated examples, and their loss is recorded nowhere.
+* **Global batch.** Each rank's ``batch.loss`` is the mean over *its* batch, and DDP averages gradients over
+  ranks, so a step's gradient is the mean of the per-rank means: ``world_size * batch_size`` examples when all
+  batches are full. A flush step with padding batches averages in zero gradients (the real ranks' gradients are
+  scaled by ``real ranks / world_size``), as DDP does for any uneven batch.
+* **Every rank must call** ``select()`` (or iterate a loader) **the same number of times** with non-empty
+  batches: :class:`ShardedLoader` yields the same number of batches on every rank. Pass the DDP-wrapped model
+  or the bare module; the selector's scoring forward always uses the bare module, so it runs no collective.
+* **Cost.** Per loader batch: two all_gathers (sizes, then the float64 losses; one host sync) and one
+  all_reduce of an int; one more all_gather pair per primed batch. Policies must be of the same kind on all ranks.
+* **Checkpoints are per rank**: each rank saves and restores its own ``sb.state_dict()`` (its queue, cache and
+  generator) and ``loader.state_dict()``; the policy's history is the same on every rank.
+* **Failures.** A collective that fails -- a peer died, stalled past the timeout, or ran a different number of
+  steps -- raises :class:`CollectiveError` naming the collective and the likely cause, instead of hanging:
+  gloo raises as soon as a peer's connection closes, and otherwise after ``init_distributed(timeout_s=...)``.
+
+Not supported yet: ``Kath18`` (its presample pool and per-rank importance-sampling switch are not lock-stepped).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .data import ArrayDataset, Augment, DeviceLoader
+
+__all__ = ["CollectiveError", "Collectives", "ShardedLoader", "init_distributed", "unwrap_model"]
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: a peer process died or stalled, or the ranks fell out of step."""
+
+
+def init_distributed(
+    backend: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    init_method: str = "env://",
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> tuple[int, int]:
+    """Join (or reuse) the default process group; return ``(rank, world_size)``.
+
+    Args:
+        backend: ``"gloo"`` or ``"nccl"``; default ``"nccl"`` when CUDA is available, else ``"gloo"``. With nccl
+            the current CUDA device is set to ``$LOCAL_RANK`` (default: the rank).
+        timeout_s: seconds a collective may wait for its peers before :class:`CollectiveError` is raised. Keep it
+            above the longest gap between two steps (evaluation, checkpointing). Default: ``60``.
+        init_method: rendezvous, e.g. ``"env://"`` (default: torchrun's ``MASTER_ADDR``/``RANK``/...),
+            ``"tcp://127.0.0.1:29500"`` or ``"file:///tmp/rendezvous"``.
+        rank, world_size: needed with ``tcp://`` and ``file://``; ``env://`` reads ``$RANK``/``$WORLD_SIZE``.
+
+    Raises:
+        ValueError: on an unknown backend or a non-positive timeout.
+        CollectiveError: when the rendezvous fails or times out.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' (CPU) or 'nccl' (CUDA), got {backend!r}")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
+    kwargs: dict[str, Any] = {}
+    if rank is not None:
+        kwargs["rank"] = rank
+    if world_size is not None:
+        kwargs["world_size"] = world_size
+    try:
+        dist.init_process_group(
+            backend, init_method=init_method, timeout=datetime.timedelta(seconds=timeout_s), **kwargs
+        )
+    except (RuntimeError, ValueError) as err:
+        raise CollectiveError(
+            f"rendezvous via {init_method!r} failed ({err}); check that every rank was started with the same "
+            "init method and world size (torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)"
+        ) from err
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    return rank, world_size
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare module inside ``DistributedDataParallel`` (so a no-grad forward runs no collective)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+class Collectives:
+    """The selector's three collectives on one process group, with errors that say what went wrong.
+
+    Args:
+        group: a process group; ``None`` is the default (world) group, which must be initialized.
+
+    Raises:
+        RuntimeError: when no process group is initialized.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "distributed=True needs an initialized process group: call "
+                "selective_backprop.distributed.init_distributed() (or torch.distributed.init_process_group) "
+                "in every rank before creating the selector"
+            )
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        nccl = dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except RuntimeError as err:  # gloo/nccl raise RuntimeError subclasses (DistBackendError, ...)
+            raise CollectiveError(
+                f"{what} failed on rank {self.rank} of {self.world_size}: another rank probably died or stalled "
+                "past the collective timeout (look for the first error in the other ranks' logs), or the ranks "
+                "ran different numbers of steps (every rank must offer the same number of non-empty batches; "
+                f"ShardedLoader guarantees it). Underlying error: {err}"
+            ) from err
+
+    def all_gather(self, values: Tensor, what: str = "all_gather of the batch losses") -> tuple[Tensor, int]:
+        """Concatenate every rank's 1-D ``values`` (lengths may differ) in rank order; also return this rank's
+        offset in the result. Values travel as float64, so float16/32 losses come back bit-identical."""
+        local = values.detach().reshape(-1).to(self.device, torch.float64)
+        size = torch.tensor([len(local)], dtype=torch.int64, device=self.device)
+        sizes = [torch.empty_like(size) for _ in range(self.world_size)]
+        with self._guard(f"{what} (sizes)"):
+            dist.all_gather(sizes, size, group=self.group)
+        counts = torch.cat(sizes).tolist()
+        padded = torch.zeros(max(1, *counts), dtype=torch.float64, device=self.device)  # never 0-sized
+        padded[: len(local)] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        with self._guard(what):
+            dist.all_gather(parts, padded, group=self.group)
+        gathered = torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+        return gathered.to(values.device, values.dtype), sum(counts[: self.rank])
+
+    def all_reduce_int(self, value: int, op: Literal["min", "max"], what: str) -> int:
+        """The minimum or maximum of every rank's integer ``value``."""
+        buf = torch.tensor([value], dtype=torch.int64, device=self.device)
+        with self._guard(what):
+            dist.all_reduce(buf, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX, group=self.group)
+        return int(buf.item())
+
+
+class ShardedLoader(DeviceLoader):
+    """A :class:`~selective_backprop.data.DeviceLoader` over this rank's static shard of the dataset.
+
+    Rank ``r`` of ``world_size`` owns the dataset indices ``i`` with ``i % world_size == r``, every epoch (so the
+    StaleSB cache of each rank sees only its own indices). Each epoch the shard is reshuffled by the loader's own
+    generator, seeded ``seed * world_size + rank`` (distinct per rank; with one rank it is exactly
+    ``DeviceLoader(seed=seed)``). Augmentation draws from the same generator.
+
+    Every rank yields the same number of batches, as lock-stepped selection needs: with ``pad=True`` (default) a
+    shard one example short repeats the first example of its epoch order at the end (every shard has
+    ``ceil(N / world_size)`` examples; the repeat is a second visit that epoch); with ``pad=False`` the longer
+    shards drop their epoch's last example instead (``floor(N / world_size)``; a different one each epoch).
+
+    Args:
+        dataset: the whole training split, on the training device.
+        batch_size: examples per batch on this rank.
+        rank, world_size: this process's place; default: the initialized process group's, else ``0`` and ``1``.
+        seed: base seed (the same on every rank). Default: ``0``.
+        augment: training augmentation; ``None`` only normalizes. Default: ``None``.
+        shuffle: reshuffle the shard each epoch. Default: ``True``.
+        drop_last: skip the last batch when it is smaller than ``batch_size``. Default: ``False``.
+        pad: see above. Default: ``True``.
+
+    Yields:
+        ``(inputs, targets, indices)`` as :class:`~selective_backprop.data.DeviceLoader`, with *global* dataset
+        indices.
+
+    Raises:
+        ValueError: on ``rank`` outside ``[0, world_size)`` or fewer examples than ranks.
+
+    Example:
+        >>> ds = ArrayDataset(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), torch.zeros(5, dtype=torch.long),
+        ...                   num_classes=2, mean=(0.0,), std=(0.5,), name="toy")
+        >>> [torch.cat([i for _, _, i in ShardedLoader(ds, 2, rank=r, world_size=2, shuffle=False)]).tolist()
+        ...  for r in (0, 1)]   # rank 1 repeats one of its own examples
+        [[0, 2, 4], [1, 3, 1]]
+    """
+
+    def __init__(
+        self,
+        dataset: ArrayDataset,
+        batch_size: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+        *,
+        seed: int = 0,
+        augment: Augment | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        pad: bool = True,
+    ) -> None:
+        grouped = dist.is_available() and dist.is_initialized()
+        world_size = world_size if world_size is not None else (dist.get_world_size() if grouped else 1)
+        rank = rank if rank is not None else (dist.get_rank() if grouped else 0)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if len(dataset) < world_size:
+            raise ValueError(f"{len(dataset)} examples cannot be sharded over {world_size} ranks; use fewer ranks")
+        super().__init__(dataset, batch_size, shuffle=shuffle, augment=augment, seed=seed, drop_last=drop_last)
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.generator.manual_seed(seed * world_size + rank)
+        self.shard = torch.arange(rank, len(dataset), world_size, device=dataset.device)
+
+    @property
+    def shard_length(self) -> int:
+        """Examples per epoch on every rank (after padding or dropping)."""
+        n, w = len(self.dataset), self.world_size
+        return -(-n // w) if self.pad else n // w
+
+    def __len__(self) -> int:
+        n = self.shard_length
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        ds, shard = self.dataset, self.shard
+        if self.shuffle:
+            shard = shard[torch.randperm(len(shard), generator=self.generator, device=shard.device)]
+        repeat = shard[: max(0, self.shard_length - len(shard))]  # pad=True: at most one example
+        order = torch.cat([shard, repeat])[: self.shard_length]
+        self.epoch += 1
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            indices = order[start : start + self.batch_size]
+            inputs = self.augment.apply(ds.images[indices], ds.mean, ds.std, self.generator)
+            yield inputs, ds.labels[indices], indices
+
+    def state_dict(self) -> dict[str, Any]:
+        """As :meth:`DeviceLoader.state_dict`, plus the rank, world size and ``pad``."""
+        return {**super().state_dict(), "rank": self.rank, "world_size": self.world_size, "pad": self.pad}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved on the same rank of a job with the same world size."""
+        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+            raise ValueError(
+                f"loader state is from rank {state['rank']} of {state['world_size']}, but this loader is rank "
+                f"{self.rank} of {self.world_size}; resume with the same world size, each rank with its own state"
+            )
+        super().load_state_dict(state)
