@@ -118,8 +118,7 @@ class ArrayDataset:
             )
         if len(self.labels) != len(self.images):
             raise ValueError(
-                f"{self.name}: {len(self.images)} images but {len(self.labels)} labels; "
-                "pass one label per image"
+                f"{self.name}: {len(self.images)} images but {len(self.labels)} labels; pass one label per image"
             )
         if self.labels.device != self.images.device:
             raise ValueError(
@@ -131,8 +130,7 @@ class ArrayDataset:
         channels = self.images.shape[1]
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(
-                f"{self.name}: need one mean and one std per channel ({channels}), got mean={self.mean} "
-                f"std={self.std}"
+                f"{self.name}: need one mean and one std per channel ({channels}), got mean={self.mean} std={self.std}"
             )
         if min(self.std) <= 0:
             raise ValueError(f"{self.name}: std must be positive, got {self.std}")
@@ -164,9 +162,7 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 
 
 def _corrupt(path: Path, problem: str) -> ValueError:
-    return ValueError(
-        f"{path}: {problem}; the file is corrupt or incomplete: delete it and download it again"
-    )
+    return ValueError(f"{path}: {problem}; the file is corrupt or incomplete: delete it and download it again")
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -207,9 +203,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     path = Path(path)
     raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise _corrupt(
-            path, f"not an IDX file (magic {raw[:4].hex() or 'missing'}, expected 0000<type><ndim>)"
-        )
+        raise _corrupt(path, f"not an IDX file (magic {raw[:4].hex() or 'missing'}, expected 0000<type><ndim>)")
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     ndim = raw[3]
     header = 4 + 4 * ndim
@@ -356,9 +350,7 @@ def read_cifar(folder: str | os.PathLike[str], name: str = "cifar10") -> tuple[S
     else:
         extracted = folder / top if (folder / top).is_dir() else folder
         if not all((extracted / m).is_file() for m in members):
-            raise FileNotFoundError(
-                f"{folder}: neither {tarball} nor the extracted {top}/ files {list(members)}"
-            )
+            raise FileNotFoundError(f"{folder}: neither {tarball} nor the extracted {top}/ files {list(members)}")
         sources = {m: ((extracted / m).read_bytes(), extracted / m) for m in members}
     splits = []
     for part in (train, test):
@@ -371,9 +363,7 @@ def _loadmat(path: Path) -> dict[str, Any]:
     try:
         import scipy.io
     except ImportError as e:
-        raise ImportError(
-            "reading SVHN's .mat files needs scipy: pip install 'selective-backprop[experiments]'"
-        ) from e
+        raise ImportError("reading SVHN's .mat files needs scipy: pip install 'selective-backprop[experiments]'") from e
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
@@ -403,9 +393,7 @@ def read_svhn(folder: str | os.PathLike[str]) -> tuple[Split, Split]:
         path = folder / f"{split}_32x32.mat"
         mat = _loadmat(path)
         if "X" not in mat or "y" not in mat:
-            raise _corrupt(
-                path, f"expected variables 'X' and 'y', got {sorted(k for k in mat if k[0] != '_')}"
-            )
+            raise _corrupt(path, f"expected variables 'X' and 'y', got {sorted(k for k in mat if k[0] != '_')}")
         x, y = np.asarray(mat["X"]), np.asarray(mat["y"])
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
             raise _corrupt(path, f"'X' must be uint8 32 x 32 x 3 x N, got {x.dtype} {x.shape}")
@@ -601,9 +589,7 @@ def _not_found(spec: DatasetSpec, searched: list[Path]) -> FileNotFoundError:
     if spec.name == "fashion-mnist":
         ways.append("install Debian's package: sudo apt-get install dataset-fashion-mnist")
     ways.append(f"download it: pass --download (download=True); files go to {cache_dir() / spec.name}")
-    ways.append(
-        f"or pass --data-dir (data_dir=..., or set ${DATA_DIR_ENV}) pointing at a folder with {needed}"
-    )
+    ways.append(f"or pass --data-dir (data_dir=..., or set ${DATA_DIR_ENV}) pointing at a folder with {needed}")
     lines = "\n".join(f"  - {w}" for w in ways)
     return FileNotFoundError(f"{spec.name} not found. Searched:\n{folders}\nTo get it:\n{lines}")
 
@@ -859,9 +845,7 @@ class Augment:
         if self.crop_padding < 0 or self.cutout < 0:
             raise ValueError(f"crop_padding and cutout must be >= 0, got {self}")
 
-    def apply(
-        self, x: Tensor, mean: Sequence[float], std: Sequence[float], generator: torch.Generator
-    ) -> Tensor:
+    def apply(self, x: Tensor, mean: Sequence[float], std: Sequence[float], generator: torch.Generator) -> Tensor:
         """Crop and flip the uint8 batch, normalize it to float32, then cut out (zeros = the mean color).
 
         Example:
@@ -955,12 +939,17 @@ class DeviceLoader:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def _epoch_order(self) -> Tensor:
+        """This epoch's dataset indices, in visiting order (draws from the generator when shuffling)."""
+        n, device = len(self.dataset), self.dataset.device
+        return (
+            torch.randperm(n, generator=self.generator, device=device)
+            if self.shuffle
+            else torch.arange(n, device=device)
+        )
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        ds, device = self.dataset, self.dataset.device
-        if self.shuffle:
-            order = torch.randperm(len(ds), generator=self.generator, device=device)
-        else:
-            order = torch.arange(len(ds), device=device)
+        ds, order = self.dataset, self._epoch_order()
         self.epoch += 1
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             indices = order[start : start + self.batch_size]

@@ -263,17 +263,12 @@ class ShardedLoader(DeviceLoader):
         n = self.shard_length
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        ds, shard = self.dataset, self.shard
+    def _epoch_order(self) -> Tensor:
+        shard = self.shard
         if self.shuffle:
             shard = shard[torch.randperm(len(shard), generator=self.generator, device=shard.device)]
         repeat = shard[: max(0, self.shard_length - len(shard))]  # pad=True: at most one example
-        order = torch.cat([shard, repeat])[: self.shard_length]
-        self.epoch += 1
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            indices = order[start : start + self.batch_size]
-            inputs = self.augment.apply(ds.images[indices], ds.mean, ds.std, self.generator)
-            yield inputs, ds.labels[indices], indices
+        return torch.cat([shard, repeat])[: self.shard_length]
 
     def state_dict(self) -> dict[str, Any]:
         """As :meth:`DeviceLoader.state_dict`, plus the rank, world size and ``pad``."""
