@@ -152,10 +152,6 @@ class TrainConfig:
                 raise ValueError(f"{message}; got {self}")
         self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
 
-    @property
-    def run_name(self) -> str:
-        return self.strategy
-
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
