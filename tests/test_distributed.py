@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selective_backprop import BackpropQueue, PercentilePolicy, SelectiveBackprop
+from selective_backprop.kath18 import Kath18, _normalize, variance_reduction
 from selective_backprop.data import ArrayDataset, DeviceLoader
 from selective_backprop.distributed import ShardedLoader
 
@@ -152,7 +153,8 @@ def assert_same_parameters(results: list[dict[str, Any]]) -> None:
 @pytest.fixture(scope="module")
 def healthy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     """The scenarios in which no rank fails, run in one launch of two ranks."""
-    codes, outputs, results = launch(tmp_path_factory.mktemp("healthy"), "ddp-None,ddp-2,history,starved,one-rank")
+    scenarios = "ddp-None,ddp-2,history,starved,one-rank,kath18"
+    codes, outputs, results = launch(tmp_path_factory.mktemp("healthy"), scenarios)
     assert_ok(codes, outputs)
     return results
 
@@ -207,6 +209,20 @@ def test_a_rank_that_selects_nothing_neither_hangs_nor_desyncs(healthy):
     assert idle["counters"]["selected"] == 0 and busy["counters"]["selected"] > 0
     assert idle["padding"] == idle["steps"] and busy["padding"] == 0
     assert idle["counters"]["backpropagated"] == 0
+
+
+def test_kath18_switches_to_importance_sampling_in_lockstep(healthy):
+    results = healthy["kath18"]
+    assert_same_parameters(results)
+    assert results[0]["taus"] == results[1]["taus"] and len(results[0]["taus"]) == results[0]["steps"]
+    assert results[0]["switched"] == results[1]["switched"] and 0 < results[0]["switched"] < results[0]["steps"]
+    # tau is the EMA over the union: recompute it from both ranks' scores, gathered in rank order
+    for res in results:
+        assert res["counters"]["selection_forwards"] > 0 and res["counters"]["backpropagated"] > 0
+    tau = 0.0
+    for mine, theirs in zip(results[0]["scores"], results[1]["scores"], strict=True):
+        tau = 0.9 * tau + 0.1 * float(variance_reduction(_normalize(torch.cat([mine, theirs]))))
+    assert tau == pytest.approx(results[0]["tau"], rel=1e-12)
 
 
 def test_a_dead_rank_gives_a_clear_error_within_the_timeout(tmp_path):
@@ -328,6 +344,34 @@ def scenario_starved(rank: int, world: int) -> dict[str, Any]:
     return {**out, "params": model.state_dict(), "counters": sb.counters}
 
 
+def scenario_kath18(rank: int, world: int) -> dict[str, Any]:
+    """Kath18 on two ranks; the scores each rank feeds to tau are logged to recompute the global tau."""
+    ds, model = toy_dataset(96), toy_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    sb = Kath18(ddp, batch_size=4, presample=2, tau_th=1.1, seed=1, distributed=True)
+    scores: list[Tensor] = []
+    update = sb._update_tau
+
+    def logged(local: Tensor) -> None:
+        scores.append(local.detach().clone())
+        update(local)
+
+    sb._update_tau = logged  # type: ignore[method-assign]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    taus, steps, switched = [], 0, 0
+    for _ in range(4):
+        for batch in sb.iterate(ShardedLoader(ds, 4, rank=rank, world_size=world, seed=0)):
+            loss = batch.loss(ddp(batch.inputs))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            switched += batch.weights is not None
+            taus.append(sb.tau)
+    return {"params": model.state_dict(), "taus": taus, "steps": steps, "switched": switched, "tau": sb.tau,
+            "counters": sb.counters, "scores": scores}  # fmt: skip
+
+
 def scenario_dies(rank: int, world: int) -> dict[str, Any]:
     from selective_backprop.distributed import CollectiveError
 
@@ -385,7 +429,7 @@ def scenario_one_rank(rank: int, world: int) -> dict[str, Any]:
 SCENARIOS = {"ddp-None": functools.partial(scenario_ddp, staleness=None),
              "ddp-2": functools.partial(scenario_ddp, staleness=2), "history": scenario_history,
              "starved": scenario_starved, "dies": scenario_dies, "stalls": scenario_stalls,
-             "one-rank": scenario_one_rank}  # fmt: skip
+             "one-rank": scenario_one_rank, "kath18": scenario_kath18}  # fmt: skip
 
 
 def worker(scenarios: str, rank: int, world: int, folder: Path) -> None:

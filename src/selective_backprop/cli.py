@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -18,9 +19,12 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from .analysis import crossing, read_metrics, speedup
+from .distributed import CollectiveError
 from .strategies import selectivity_options
-from .train import Interrupted, RunExistsError, TrainConfig, Trainer, write_atomic
+from .train import Interrupted, RunExistsError, TrainConfig, Trainer, launched_distributed, write_atomic
 
 TARGETS = (1.2, 1.4)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -74,9 +78,14 @@ def _run(config: TrainConfig, out: Path, args: argparse.Namespace) -> dict[str, 
 
 def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{args.strategy}-s{args.seed}")
-    summary = _run(_config(args), out, args)
-    print(f"run folder: {out}")
-    print(json.dumps(summary, indent=2))
+    try:
+        summary = _run(_config(args), out, args)
+    finally:
+        if launched_distributed() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run folder: {out}")
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -183,6 +192,8 @@ def _fmt(value: float | None, unit: str) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    if launched_distributed():
+        raise ValueError("compare runs its grid in one process; under torchrun use `selective-backprop train`")
     if args.preset:
         for key, value in PRESETS[args.preset].items():
             setattr(args, key, value)
@@ -276,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"\n{e}; continue with --resume", file=sys.stderr)
         return e.exit_code
+    except CollectiveError as e:  # torchrun: another rank failed or stalled; its log has the first error
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     except (RunExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)  # TrainingDiverged: 3

@@ -49,7 +49,14 @@ What is global, what is per rank:
   steps -- raises :class:`CollectiveError` naming the collective and the likely cause, instead of hanging:
   gloo raises as soon as a peer's connection closes, and otherwise after ``init_distributed(timeout_s=...)``.
 
-Not supported yet: ``Kath18`` (its presample pool and per-rank importance-sampling switch are not lock-stepped).
+``Kath18`` (``distributed=True``): each rank draws its batch from its own presample (its pools fill in lockstep,
+since every rank offers equal batches) with weights ``1 / (B g_i)`` from its own scores -- each rank's loss is an
+unbiased estimate of its presample's mean, so DDP's average is one of the union's. The variance-reduction
+estimate ``tau``, and so the switch to importance sampling, is computed from the scores gathered over all ranks
+(normalized over the union), so every rank switches at the same step.
+
+The trainer (``torchrun --nproc-per-node N -m selective_backprop train ...``) does all of this for a config; see
+:class:`selective_backprop.train.Trainer`.
 """
 
 from __future__ import annotations
@@ -188,6 +195,31 @@ class Collectives:
         with self._guard(what):
             dist.all_reduce(buf, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX, group=self.group)
         return int(buf.item())
+
+    def all_reduce_sum(self, values: Tensor, what: str) -> Tensor:
+        """The element-wise sum over ranks of ``values`` (returned on ``values``' device and dtype)."""
+        buf = values.detach().to(self.device, torch.float64).clone()
+        with self._guard(what):
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+        return buf.to(values.device, values.dtype)
+
+    def all_gather_object(self, obj: Any, what: str) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order (for small, rare exchanges such as resume positions)."""
+        out: list[Any] = [None] * self.world_size
+        with self._guard(what):
+            dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast_(self, tensors: list[Tensor], what: str, src: int = 0) -> None:
+        """Overwrite ``tensors`` in place with rank ``src``'s."""
+        with self._guard(what):
+            for t in tensors:
+                dist.broadcast(t, src, group=self.group)
+
+    def barrier(self, what: str) -> None:
+        """Wait until every rank gets here."""
+        with self._guard(what):
+            dist.barrier(group=self.group)
 
 
 class ShardedLoader(DeviceLoader):

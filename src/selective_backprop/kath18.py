@@ -16,13 +16,16 @@ https://arxiv.org/abs/1803.00942), Algorithm 1:
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .selector import BackpropQueue, Batch, LossFn, _SelectorBase
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["Kath18", "upper_bound_scores", "importance_weights", "variance_reduction"]
 
@@ -76,6 +79,9 @@ class Kath18(_SelectorBase):
         tau_ema: EMA factor for ``tau``. Default: ``0.9``.
         tau_th: switch-on threshold; default ``(B + 3b) / (3b)``.
         score_mode, flush, seed: as in :class:`~selective_backprop.selector.SelectiveBackprop`.
+        distributed: ``True`` (default group) or a process group: ``tau`` from the scores of every rank, so the
+            ranks switch to importance sampling together (see :mod:`selective_backprop.distributed`).
+            Default: ``False``.
 
     A loader epoch of ``N`` examples costs ``N`` scoring forwards and ``N / k`` backprops once importance sampling
     is on; before that, ``N`` backprops and no scoring forward.
@@ -94,8 +100,9 @@ class Kath18(_SelectorBase):
         score_mode: Literal["eval", "train"] = "eval",
         flush: Literal["epoch", "never"] = "epoch",
         seed: int = 0,
+        distributed: bool | ProcessGroup = False,
     ) -> None:
-        super().__init__(model, batch_size, loss_fn, seed, score_mode, flush)
+        super().__init__(model, batch_size, loss_fn, seed, score_mode, flush, distributed)
         if isinstance(presample, bool) or not isinstance(presample, int) or presample < 1:
             raise ValueError(f"presample (k, with B = k * batch_size) must be an int >= 1, got {presample!r}")
         if score not in ("upper-bound", "loss"):
@@ -106,9 +113,7 @@ class Kath18(_SelectorBase):
         self.pool_size = presample * batch_size
         self.score = score
         self.tau_ema = tau_ema
-        self.tau_th = (
-            (self.pool_size + 3 * batch_size) / (3 * batch_size) if tau_th is None else float(tau_th)
-        )
+        self.tau_th = (self.pool_size + 3 * batch_size) / (3 * batch_size) if tau_th is None else float(tau_th)
         self.tau = 0.0
         self.pool = BackpropQueue(self.pool_size)
 
@@ -120,8 +125,10 @@ class Kath18(_SelectorBase):
     def _scores(self, outputs: Tensor, targets: Tensor, losses: Tensor) -> Tensor:
         return upper_bound_scores(outputs, targets) if self.score == "upper-bound" else losses
 
-    def _update_tau(self, g: Tensor) -> None:
-        self.tau = self.tau_ema * self.tau + (1 - self.tau_ema) * float(variance_reduction(g))
+    def _update_tau(self, scores: Tensor) -> None:
+        """EMA of the variance reduction of ``scores``; distributed, of every rank's scores together."""
+        g = _normalize(self._gathered(scores)[0])
+        self.tau = self.tau_ema * self.tau + (1 - self.tau_ema) * float(variance_reduction(g))  # host sync
 
     def select(self, inputs: Tensor, targets: Tensor, indices: Tensor | None = None) -> list[Batch]:
         start = time.perf_counter()
@@ -133,8 +140,8 @@ class Kath18(_SelectorBase):
         if not self.importance_sampling:
             self._counters["selected"] += m
             leftover = self.pool.flush()  # a presample cut short when tau fell back: train it uniformly
-            ready = [] if leftover is None else self.queue.push(*leftover)
-            ready += self.queue.push(inputs, targets, indices)
+            ready = [] if leftover is None else self.queue.push(*leftover)  # same size on every rank
+            ready += self._push(inputs, targets, indices)
             batches = [self._batch(f) for f in ready]
         else:
             batches = []
@@ -142,22 +149,21 @@ class Kath18(_SelectorBase):
                 t = time.perf_counter()
                 outputs, losses = self._score(px, py)
                 score_s += time.perf_counter() - t
-                g = _normalize(self._scores(outputs, py, losses))
-                self._update_tau(g)
+                scores = self._scores(outputs, py, losses)
+                g = _normalize(scores)
+                self._update_tau(scores)
                 drawn = torch.multinomial(g, self.batch_size, replacement=True, generator=self._rng(g.device))
                 weights = importance_weights(g, drawn).to(torch.float32)
                 self._counters["selection_forwards"] += len(px)
                 self._counters["selected"] += len(drawn)
-                batches.append(
-                    self._batch((px[drawn], py[drawn], None if pidx is None else pidx[drawn], weights))
-                )
+                batches.append(self._batch((px[drawn], py[drawn], None if pidx is None else pidx[drawn], weights)))
         self._counters["score_time_s"] += score_s
         self._counters["select_time_s"] += time.perf_counter() - start - score_s
         return batches
 
     def _observe(self, batch: Batch, outputs: Tensor, losses: Tensor) -> None:
         if batch.weights is None:  # uniform phase: tau follows the training batch's scores
-            self._update_tau(_normalize(self._scores(outputs, batch.targets, losses)))
+            self._update_tau(self._scores(outputs, batch.targets, losses))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "tau": self.tau, "pool": self.pool.state_dict()}

@@ -93,9 +93,7 @@ class SmallCNN(nn.Module):
 
     grid = 7  # 28 // 4: spatial size after two 2x poolings of a Fashion-MNIST image.
 
-    def __init__(
-        self, num_classes: int = 10, in_channels: int = 3, width: int = 32, hidden: int = 128
-    ) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 32, hidden: int = 128) -> None:
         super().__init__()
         _check_io("SmallCNN", num_classes, in_channels)
         if width < 1 or hidden < 1:
@@ -191,9 +189,7 @@ class _WideBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.shortcut = (
-            nn.Conv2d(in_ch, out_ch, 1, stride, bias=False) if stride != 1 or in_ch != out_ch else None
-        )
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1, stride, bias=False) if stride != 1 or in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.bn1(x))

@@ -381,13 +381,9 @@ class _SelectorBase:
     def _check_batch(self, inputs: Tensor, targets: Tensor, indices: Tensor | None) -> int:
         m = len(inputs)
         if len(targets) != m or (indices is not None and len(indices) != m):
-            lens = f"inputs {m}, targets {len(targets)}" + (
-                "" if indices is None else f", indices {len(indices)}"
-            )
+            lens = f"inputs {m}, targets {len(targets)}" + ("" if indices is None else f", indices {len(indices)}")
             raise ValueError(f"inputs, targets and indices must have the same length, got {lens}")
-        if indices is not None and (
-            indices.ndim != 1 or indices.dtype.is_floating_point or indices.is_complex()
-        ):
+        if indices is not None and (indices.ndim != 1 or indices.dtype.is_floating_point or indices.is_complex()):
             raise ValueError(
                 f"indices must be a 1-D integer tensor of dataset indices, got dtype {indices.dtype} "
                 f"shape {tuple(indices.shape)}"
@@ -541,9 +537,7 @@ class SelectiveBackprop(_SelectorBase):
         self.cache: LossCache | None = None
         if staleness is not None:
             if dataset_size is None:
-                raise ValueError(
-                    "StaleSB (staleness=...) needs dataset_size=len(train_set) to size its loss cache"
-                )
+                raise ValueError("StaleSB (staleness=...) needs dataset_size=len(train_set) to size its loss cache")
             self.cache = LossCache(dataset_size, staleness)
 
     @property
@@ -611,9 +605,7 @@ class SelectiveBackprop(_SelectorBase):
             finite = torch.isfinite(losses)
             keep = torch.zeros(len(losses), dtype=torch.bool, device=losses.device)
             p = self._probabilities(losses[finite])
-            keep[finite] = (
-                torch.rand(len(p), generator=self._rng(p.device), device=p.device, dtype=p.dtype) < p
-            )
+            keep[finite] = torch.rand(len(p), generator=self._rng(p.device), device=p.device, dtype=p.dtype) < p
             return keep
         p = self._probabilities(losses)
         return torch.rand(len(p), generator=self._rng(p.device), device=p.device, dtype=p.dtype) < p
@@ -643,9 +635,7 @@ class SelectiveBackprop(_SelectorBase):
         policy_state = dict(state["policy"])
         kind = policy_state.pop("type")
         if kind != type(self.policy).__name__:
-            raise ValueError(
-                f"state is for a {kind} policy but this selector uses {type(self.policy).__name__}"
-            )
+            raise ValueError(f"state is for a {kind} policy but this selector uses {type(self.policy).__name__}")
         if (state["cache"] is None) != (self.cache is None):
             raise ValueError("state and selector disagree on StaleSB (staleness set in one, not the other)")
         super().load_state_dict(state)

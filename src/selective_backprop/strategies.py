@@ -48,6 +48,7 @@ class StrategyOptions:
     interrupt: int = 2  # Composer SB: a whole (vanilla) batch every `interrupt` loader batches; 0 never
     score_mode: str = "eval"
     seed: int = 0
+    distributed: bool = False  # global selection over the default process group (torchrun)
 
 
 def _sb(model: nn.Module, n: int, o: StrategyOptions, policy: Any, staleness: int | None = None) -> SelectiveBackprop:
@@ -60,6 +61,7 @@ def _sb(model: nn.Module, n: int, o: StrategyOptions, policy: Any, staleness: in
         prime_epochs=o.prime_epochs,
         score_mode=o.score_mode,  # type: ignore[arg-type]
         seed=o.seed,
+        distributed=o.distributed,
     )
 
 
@@ -70,7 +72,9 @@ def _percentile(o: StrategyOptions) -> PercentilePolicy:
 Factory = Callable[[nn.Module, int, StrategyOptions], _SelectorBase]
 
 STRATEGIES: dict[str, Factory] = {
-    "traditional": lambda m, n, o: SelectiveBackprop(m, batch_size=o.batch_size, policy=Traditional(), prime_epochs=0),
+    "traditional": lambda m, n, o: SelectiveBackprop(
+        m, batch_size=o.batch_size, policy=Traditional(), prime_epochs=0, distributed=o.distributed
+    ),
     "sb": lambda m, n, o: _sb(m, n, o, _percentile(o)),
     "stale-sb": lambda m, n, o: _sb(m, n, o, _percentile(o), staleness=o.staleness),
     "kath18": lambda m, n, o: Kath18(
@@ -80,6 +84,7 @@ STRATEGIES: dict[str, Factory] = {
         score=o.kath_score,  # type: ignore[arg-type]
         score_mode=o.score_mode,  # type: ignore[arg-type]
         seed=o.seed,
+        distributed=o.distributed,
     ),
     "random": lambda m, n, o: _sb(m, n, o, UniformPolicy(o.rate if o.rate is not None else 1 / (o.beta + 1))),
     "threshold": lambda m, n, o: _sb(m, n, o, ThresholdPolicy(o.threshold)),
@@ -108,10 +113,18 @@ STRATEGIES: dict[str, Factory] = {
 }
 
 
+SINGLE_PROCESS_ONLY = ("infobatch", "composer-sb")
+
+
 def build_selector(name: str, model: nn.Module, dataset_size: int, **options: Any) -> _SelectorBase:
     """Build the selector of strategy ``name`` (see ``STRATEGIES``) with ``StrategyOptions`` fields as kwargs."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+    if options.get("distributed") and name in SINGLE_PROCESS_ONLY:
+        raise ValueError(
+            f"strategy {name!r} runs in one process only (its pruning is not synchronised across ranks); "
+            f"under torchrun use one of: {', '.join(k for k in STRATEGIES if k not in SINGLE_PROCESS_ONLY)}"
+        )
     return STRATEGIES[name](model, dataset_size, StrategyOptions(**options))
 
 

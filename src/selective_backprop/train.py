@@ -33,8 +33,20 @@ Faults:
 
 Exit codes of ``selective-backprop train`` / ``compare``: ``0`` done; ``1`` a file could not be written (disk
 full, read-only folder: the message names the file); ``2`` bad configuration, data or checkpoint (the message
-names the value or file and the fix); ``3`` training diverged (:class:`TrainingDiverged`); ``130`` / ``143``
+names the value or file and the fix); ``3`` training diverged (:class:`TrainingDiverged`); ``4`` another rank
+failed or stalled (torchrun; :class:`~selective_backprop.distributed.CollectiveError`); ``130`` / ``143``
 interrupted by SIGINT / SIGTERM after writing a checkpoint (continue with ``--resume``).
+
+Distributed (``torchrun --nproc-per-node N -m selective_backprop train ...``; ``$WORLD_SIZE`` > 1): the ranks join
+a process group (gloo on CPU, nccl on CUDA with rank r on ``cuda:$LOCAL_RANK``), each trains on its static shard
+of the training set (:class:`~selective_backprop.distributed.ShardedLoader`) through
+``DistributedDataParallel`` with global selection (:mod:`selective_backprop.distributed`), so a step's gradient
+averages ``N`` batches of ``batch_size``. The LR schedule counts examples over all ranks (backprops as steps x
+batch size x N). Each rank writes its own ``checkpoint-rank<r>.pt`` (+ ``.prev.pt``); rank 0 writes everything
+else; the test set is evaluated in shares and the counts in ``metrics.jsonl`` are sums over ranks (times are rank
+0's). A stop signal is agreed on at the next loader batch, so all ranks checkpoint the same position; resume
+needs the same ``N`` and picks the newest position every rank has a usable checkpoint for. Not under torchrun:
+``infobatch``, ``composer-sb``, ``--nonfinite skip``.
 """
 
 from __future__ import annotations
@@ -64,9 +76,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import data as sbdata
+from .distributed import Collectives, ShardedLoader
 from .models import build_model
 from .selector import Batch, _SelectorBase
-from .strategies import STRATEGIES, build_selector
+from .strategies import SINGLE_PROCESS_ONLY, STRATEGIES, build_selector
 
 __all__ = [
     "TrainConfig",
@@ -135,6 +148,7 @@ class TrainConfig:
     download: bool = _h("download the dataset if it is not found", default=False)
     nonfinite: str = _h("on a NaN/inf loss: raise (stop, exit code 3) | skip (drop that optimizer step)",
                         default="raise")  # fmt: skip
+    dist_timeout: float = _h("torchrun: seconds a rank waits for the others before failing", default=300.0)
 
     def __post_init__(self) -> None:
         checks = [
@@ -146,6 +160,7 @@ class TrainConfig:
             (all(0 < m < 1 for m in self.lr_milestones), "lr_milestones must be fractions in (0, 1)"),
             (self.eval_every is None or self.eval_every > 0, "eval_every must be > 0"),
             (self.nonfinite in ("raise", "skip"), "nonfinite must be raise or skip"),
+            (self.dist_timeout > 0, "dist_timeout must be > 0 seconds"),
         ]
         for ok, message in checks:
             if not ok:
@@ -325,6 +340,11 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
+def launched_distributed() -> bool:
+    """Whether this process is one of several ranks started by torchrun (``$WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -347,11 +367,15 @@ class Trainer:
         progress: bool = True,
     ) -> None:
         self.config, self.out = config, Path(out_dir)
-        self.progress = progress
-        self._prepare_folder(resume, overwrite)
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
+        self.comm: Collectives | None = None  # set when started by torchrun (WORLD_SIZE > 1)
+        self.rank, self.world_size = 0, 1
+        if launched_distributed():
+            self._join_process_group()
+        self.progress = progress and self.rank == 0
+        self._prepare_folder(resume, overwrite)
         torch.manual_seed(config.seed)
         self._load_data()
         self.model = build_model(
@@ -359,6 +383,10 @@ class Trainer:
         ).to(self.device)
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)  # type: ignore[call-arg]
+        self.train_model: torch.nn.Module = self.model  # what the training forward calls (DDP-wrapped: torchrun)
+        if self.comm is not None:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
@@ -367,45 +395,74 @@ class Trainer:
             batch_size=config.batch_size, beta=config.beta, staleness=config.staleness,
             prime_epochs=config.prime_epochs, rate=config.rate, threshold=config.threshold,
             presample=config.presample, kath_score=config.kath_score, score_mode=config.score_mode, seed=config.seed,
-            epochs=config.epochs, prune_ratio=config.prune_ratio, keep=config.keep,
+            epochs=config.epochs, prune_ratio=config.prune_ratio, keep=config.keep, distributed=self.comm is not None,
         )  # fmt: skip
-        self.loader = sbdata.DeviceLoader(
-            self.train_set, config.batch_size, shuffle=True, augment=self.augment, seed=config.seed
+        self.loader: sbdata.DeviceLoader = (
+            sbdata.DeviceLoader(self.train_set, config.batch_size, shuffle=True, augment=self.augment, seed=config.seed)
+            if self.comm is None
+            else ShardedLoader(
+                self.train_set, config.batch_size, self.rank, self.world_size, seed=config.seed, augment=self.augment
+            )  # fmt: skip
         )
         n = len(self.train_set)
         self.epoch = 0
         self.batches_done = 0  # loader batches consumed in the current epoch (non-zero only mid-epoch)
         self.loader_state = self.loader.state_dict()  # the loader as at the start of the current epoch
         self.times = dict.fromkeys(("data_s", "select_forward_s", "bookkeeping_s", "train_s"), 0.0)
-        self.selection_counts = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self.selection_counts = torch.zeros(n, dtype=torch.int64, device=self.device)  # this rank's backprops
         self.interval = {"loss_sum": torch.zeros((), device=self.device), "losses": 0, "seen": 0, "selected": 0}
         self.metrics_rows = 0
+        self.last_row: dict[str, Any] | None = None
         self.skipped_steps = 0  # optimizer steps dropped on a non-finite loss (nonfinite="skip")
         self.next_eval = config.eval_every
         self.last_checkpoint: Path | None = None
         self._stop_signal: int | None = None
         if config.nonfinite == "skip" and hasattr(self.selector, "nonfinite"):
             self.selector.nonfinite = "skip"  # NaN/inf scoring losses: not selected (SelectiveBackprop's option)
-        if resume and any((self.out / name).exists() for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
+        if resume and self._has_checkpoint():
             self._load_checkpoint()
-        else:
+        elif self.rank == 0:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)  # rows of a run that never checkpointed
             _write_json(self.out / "config.json", config.to_json())
-            _write_json(self.out / "environment.json", environment(self.device))
+            _write_json(self.out / "environment.json", {**environment(self.device), "world_size": self.world_size})
 
     # ----- setup -------------------------------------------------------------------------------------------
+    def _join_process_group(self) -> None:
+        """Started by torchrun: join the process group (gloo on CPU, nccl on CUDA) and check the config."""
+        from .distributed import Collectives, init_distributed
+
+        c = self.config
+        if c.strategy in SINGLE_PROCESS_ONLY:
+            raise ValueError(f"strategy {c.strategy!r} cannot run under torchrun (its pruning is per process); "
+                             "run it in one process or pick another strategy")  # fmt: skip
+        if c.nonfinite == "skip":
+            raise ValueError("nonfinite='skip' cannot run under torchrun (a rank skipping a step would desync DDP); "
+                             "use --nonfinite raise")  # fmt: skip
+        init_distributed("nccl" if self.device.type == "cuda" else "gloo", timeout_s=c.dist_timeout)
+        self.comm = Collectives()
+        self.rank, self.world_size = self.comm.rank, self.comm.world_size
+        if self.device.type == "cuda":  # each rank on its own GPU ($LOCAL_RANK, set by init_distributed)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def _barrier(self, what: str) -> None:
+        if self.comm is not None:
+            self.comm.barrier(what)
+
     def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
-        if self.out.exists() and any(self.out.iterdir()):
-            if overwrite:
+        exists = self.out.exists() and any(self.out.iterdir())
+        if exists and not overwrite and not resume:
+            raise RunExistsError(
+                f"run folder {self.out} already exists; pass --resume to continue it or --overwrite to replace it"
+            )
+        self._barrier("barrier after checking the run folder")  # every rank looked before rank 0 changes it
+        if self.rank == 0:
+            if exists and overwrite:
                 shutil.rmtree(self.out)
-            elif not resume:
-                raise RunExistsError(
-                    f"run folder {self.out} already exists; pass --resume to continue it or --overwrite to replace it"
-                )
-        self.out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            for leftover in self.out.glob(".*.tmp"):  # torn temporary files of writes that never finished
-                leftover.unlink()
+            self.out.mkdir(parents=True, exist_ok=True)
+            if resume:
+                for leftover in self.out.glob(".*.tmp"):  # torn temporary files of writes that never finished
+                    leftover.unlink()
+        self._barrier("barrier after preparing the run folder")
 
     def _load_data(self) -> None:
         c = self.config
@@ -422,8 +479,13 @@ class Trainer:
                 train.labels, c.label_noise, train.num_classes, c.seed
             )
             train = dataclasses.replace(train, labels=labels)
-            np.save(self.out / "noisy_indices.npy", self.noisy_indices.cpu().numpy())
+            if self.rank == 0:
+                np.save(self.out / "noisy_indices.npy", self.noisy_indices.cpu().numpy())
         self.train_set, self.test_set = train, test
+        self.eval_set = test  # this rank's share of the test set (every world_size-th example under torchrun)
+        if self.world_size > 1:
+            w, r = self.world_size, self.rank
+            self.eval_set = dataclasses.replace(test, images=test.images[r::w], labels=test.labels[r::w])
         aug = sbdata.default_augment(c.dataset)
         self.augment = sbdata.Augment(
             crop_padding=aug.crop_padding if c.crop_padding is None else c.crop_padding,
@@ -449,36 +511,76 @@ class Trainer:
             "next_eval": self.next_eval,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rank": self.rank,
+            "world_size": self.world_size,
         }
 
+    def checkpoint_paths(self) -> tuple[Path, Path]:
+        """This rank's (checkpoint, previous checkpoint): ``checkpoint.pt`` / ``checkpoint.prev.pt`` in one
+        process, ``checkpoint-rank<r>.pt`` / ``checkpoint-rank<r>.prev.pt`` under torchrun."""
+        if self.world_size == 1:
+            return self.out / CHECKPOINT, self.out / PREVIOUS_CHECKPOINT
+        return self.out / f"checkpoint-rank{self.rank}.pt", self.out / f"checkpoint-rank{self.rank}.prev.pt"
+
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint.pt`` (the previous one becomes ``checkpoint.prev.pt``); return its path."""
-        path = self.out / CHECKPOINT
-        write_checkpoint(path, self._state(), backup=self.out / PREVIOUS_CHECKPOINT)
+        """Write this rank's checkpoint (the previous one is kept as ``*.prev.pt``); return its path."""
+        path, previous = self.checkpoint_paths()
+        write_checkpoint(path, self._state(), backup=previous)
         self.last_checkpoint = path
         return path
 
+    def _has_checkpoint(self) -> bool:
+        """Whether there is a checkpoint to resume from; refuses one written with another number of ranks."""
+        mine = any(path.exists() for path in self.checkpoint_paths())
+        others = sorted(self.out.glob("checkpoint-rank*.pt") if self.world_size == 1 else self.out.glob(CHECKPOINT))
+        if not mine and others:
+            ranks = len({p.name.split(".")[0] for p in others}) if self.world_size == 1 else 1
+            how = f"torchrun --nproc-per-node {ranks} -m selective_backprop train ..." if ranks > 1 else "one process"
+            raise ValueError(f"cannot resume {self.out} with {self.world_size} process(es): its checkpoints "
+                             f"({others[0].name}, ...) were written by {ranks}; resume it with {how}")  # fmt: skip
+        found = mine if self.comm is None else self.comm.all_gather_object(mine, "all_gather of 'has a checkpoint'")
+        if isinstance(found, list) and len(set(found)) > 1:
+            missing = [r for r, has in enumerate(found) if not has]
+            raise CheckpointError(f"cannot resume {self.out}: ranks {missing} have no checkpoint; start it again with "
+                                  "--overwrite")  # fmt: skip
+        return mine
+
     def _read_latest_checkpoint(self) -> tuple[dict[str, Any], Path]:
-        """The newest checkpoint that loads and passes its checksum; warns about each one rejected."""
-        problems = []
-        for path in (self.out / CHECKPOINT, self.out / PREVIOUS_CHECKPOINT):
+        """The newest checkpoint that loads and passes its checksum; warns about each one rejected.
+
+        Under torchrun the ranks agree on the newest (epoch, batch) position for which every rank has a usable
+        checkpoint (a crash during the writes can leave ranks one checkpoint apart)."""
+        problems, usable = [], []
+        for path in self.checkpoint_paths():
             if not path.exists():
                 problems.append(f"{path}: missing")
                 continue
             try:
-                return read_checkpoint(path, map_location=self.device), path
+                usable.append((read_checkpoint(path, map_location=self.device), path))
             except CheckpointError as e:
                 problems.append(str(e))
                 print(f"warning: rejected checkpoint {e}", file=sys.stderr, flush=True)
+            if self.comm is None and usable:
+                return usable[0]
+        positions = [(state["epoch"], state["batches_done"]) for state, _ in usable]
+        if self.comm is not None:
+            everyone = self.comm.all_gather_object(positions, "all_gather of the checkpoint positions")
+            common = sorted(set.intersection(*(set(p) for p in everyone)), reverse=True)
+            if common:
+                return next(item for item, position in zip(usable, positions, strict=True) if position == common[0])
+            problems.append(f"no (epoch, batch) position has a usable checkpoint on every rank: {everyone}")
         raise CheckpointError(
             f"cannot resume {self.out}: no usable checkpoint ({'; '.join(problems)}); start it again with --overwrite"
         )
 
     def _load_checkpoint(self) -> None:
         state, path = self._read_latest_checkpoint()
-        if path.name != CHECKPOINT:
+        if path != self.checkpoint_paths()[0]:
             print(f"warning: resuming from the previous checkpoint {path} (epoch {state['epoch']})", file=sys.stderr)
-        skip = ("epochs", "device", "threads", "nonfinite")  # may change on resume
+        if (state.get("rank", 0), state.get("world_size", 1)) != (self.rank, self.world_size):
+            raise ValueError(f"{path} is rank {state.get('rank', 0)} of {state.get('world_size', 1)}, not rank "
+                             f"{self.rank} of {self.world_size}: resume with the same number of ranks")  # fmt: skip
+        skip = ("epochs", "device", "threads", "nonfinite", "dist_timeout")  # may change on resume
         saved = {k: v for k, v in state["config"].items() if k not in skip}
         ours = {k: v for k, v in self.config.to_json().items() if k in saved}
         if json.loads(json.dumps(saved)) != json.loads(json.dumps(ours)):
@@ -499,22 +601,37 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"].cpu())
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        metrics = self.out / "metrics.jsonl"  # drop rows logged after the checkpoint (they will be redone)
-        lines = metrics.read_text().splitlines(keepends=True)[: self.metrics_rows] if metrics.exists() else []
-        write_atomic(metrics, lambda f: f.write("".join(lines).encode()))
+        if self.rank == 0:  # drop rows logged after the checkpoint (they will be redone)
+            metrics = self.out / "metrics.jsonl"
+            lines = metrics.read_text().splitlines(keepends=True)[: self.metrics_rows] if metrics.exists() else []
+            write_atomic(metrics, lambda f: f.write("".join(lines).encode()))
 
     # ----- the loop ------------------------------------------------------------------------------------------
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _train_step(self, batch: Batch) -> None:
+    def _progress(self) -> float:
+        """Fraction of the budget done, in ``lr_unit``, over all ranks (the same value on every rank).
+
+        Under torchrun, examples seen = this rank's x world size (every rank sees as many), and backprops are
+        counted as steps x batch size x world size (the ranks' own counts differ; a count every rank knows
+        keeps their learning rates, hence their parameters, identical)."""
         c, counters = self.config, self.selector.counters
-        done = counters["seen"] if c.lr_unit == "examples" else counters["backpropagated"]
-        lr = lr_at(c, done / (c.epochs * len(self.train_set)))
+        if c.lr_unit == "examples":
+            done = counters["seen"] * self.world_size
+        elif self.world_size == 1:
+            done = counters["backpropagated"]
+        else:
+            done = counters["steps"] * c.batch_size * self.world_size
+        return done / (c.epochs * len(self.train_set))
+
+    def _train_step(self, batch: Batch) -> None:
+        c = self.config
+        lr = lr_at(c, self._progress())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        outputs = self.model(batch.inputs)
+        outputs = self.train_model(batch.inputs)
         try:
             loss = batch.loss(outputs)  # raises ValueError on a NaN/inf loss, before anything is recorded
         except ValueError as e:
@@ -604,10 +721,13 @@ class Trainer:
             self.interval["selected"] += self.selector.counters["selected"] - before["selected"]
             if bar is not None:
                 bar.update(len(item[0]))
-            if self._stop_signal is not None:
+            stop = self._stop_signal
+            if self.comm is not None:  # stop together: a rank that stopped alone would hang the others
+                stop = self.comm.all_reduce_int(stop or 0, "max", "all_reduce(MAX) of the stop signal") or None
+            if stop is not None:
                 self._check_parameters()
-                raise Interrupted(self._stop_signal, self.save_checkpoint())
-            if self.next_eval is not None and self.selector.counters["seen"] >= self.next_eval:
+                raise Interrupted(stop, self.save_checkpoint())
+            if self.next_eval is not None and self.selector.counters["seen"] * self.world_size >= self.next_eval:
                 self.next_eval += self.config.eval_every  # type: ignore[operator]
                 self._log(bar)
         self._timed_steps(self.selector.end_epoch())
@@ -616,17 +736,25 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        """(test error, mean test loss) in eval mode; the model's mode is restored."""
+        """(test error, mean test loss) in eval mode; the model's mode is restored. Under torchrun each rank
+        evaluates its share of the test set and the sums are all-reduced, after taking rank 0's buffers
+        (BatchNorm statistics: DDP broadcasts them before each training forward, so each rank's copy also holds
+        its own last batch)."""
+        if self.comm is not None:
+            self.comm.broadcast_(list(self.model.buffers()), "broadcast of the model buffers")
         was_training = self.model.training
         self.model.eval()
-        wrong, loss_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        for x, y, _ in sbdata.DeviceLoader(self.test_set, 256, shuffle=False):
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # wrong, loss
+        for x, y, _ in sbdata.DeviceLoader(self.eval_set, 256, shuffle=False):
             out = self.model(x.contiguous(memory_format=self.memory_format))
-            wrong += (out.argmax(1) != y).sum()
-            loss_sum += F.cross_entropy(out, y, reduction="sum")
+            sums[0] += (out.argmax(1) != y).sum()
+            sums[1] += F.cross_entropy(out, y, reduction="sum")
         self.model.train(was_training)
+        if self.comm is not None:
+            sums = self.comm.all_reduce_sum(sums, "all_reduce(SUM) of the test error")
+        wrong, loss_sum = sums.tolist()
         n = len(self.test_set)
-        return float(wrong) / n, float(loss_sum) / n
+        return wrong / n, loss_sum / n
 
     @torch.no_grad()
     def train_confidence(self) -> Tensor:
@@ -640,33 +768,40 @@ class Trainer:
         return out
 
     def _log(self, bar: Any = None) -> dict[str, Any]:
+        """Evaluate and append a row to ``metrics.jsonl`` (rank 0); counts are sums over ranks, times rank 0's."""
         error, test_loss = self.evaluate()
         c, iv = self.selector.counters, self.interval
-        done = c["seen"] if self.config.lr_unit == "examples" else c["backpropagated"]
+        noisy = self.selection_counts[self.noisy_indices.to(self.device)].sum() if len(self.noisy_indices) else 0
+        names = ("seen", "selection_forwards", "skipped_forwards", "backpropagated")
+        local = [*(c[k] for k in names), noisy, iv["seen"], iv["selected"], iv["losses"], iv["loss_sum"]]
+        totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in local])
+        if self.comm is not None:
+            totals = self.comm.all_reduce_sum(totals, "all_reduce(SUM) of the counters")
+        seen, forwards, skipped, backprops, noisy, iv_seen, iv_selected, losses, loss_sum = totals.tolist()
         row = {
             "epoch": self.epoch + self.batches_done / max(1, len(self.loader)),
-            "examples_seen": int(c["seen"]),
-            "selection_forwards": int(c["selection_forwards"]),
-            "skipped_forwards": int(c["skipped_forwards"]),
-            "backprops": int(c["backpropagated"]),
+            "examples_seen": round(seen),
+            "selection_forwards": round(forwards),
+            "skipped_forwards": round(skipped),
+            "backprops": round(backprops),
             "steps": int(c["steps"]),
             "skipped_steps": self.skipped_steps,
             # backprops spent so far on examples whose label was randomized (None without label noise)
-            "noisy_backprops": int(self.selection_counts[self.noisy_indices.to(self.device)].sum())
-            if len(self.noisy_indices)
-            else None,
+            "noisy_backprops": round(noisy) if len(self.noisy_indices) else None,
             "wall_train_s": sum(self.times.values()),
             **{f"time_{k}": v for k, v in self.times.items()},
             "test_error": error,
             "test_loss": test_loss,
-            "train_loss": float(iv["loss_sum"]) / iv["losses"] if iv["losses"] else None,
-            "selected_fraction": iv["selected"] / iv["seen"] if iv["seen"] else None,
-            "lr": lr_at(self.config, done / (self.config.epochs * len(self.train_set))),
+            "train_loss": loss_sum / losses if losses else None,
+            "selected_fraction": iv_selected / iv_seen if iv_seen else None,
+            "lr": lr_at(self.config, self._progress()),
         }
         self.interval = {"loss_sum": torch.zeros((), device=self.device), "losses": 0, "seen": 0, "selected": 0}
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
         self.metrics_rows += 1
+        self.last_row = row
         if bar is not None:
             bar.set_postfix(err=f"{error:.4f}", sel=f"{row['selected_fraction'] or 1:.0%}")
         return row
@@ -688,7 +823,7 @@ class Trainer:
                 self._check_parameters()
                 row = self._log()
                 self.save_checkpoint()
-                if not self.progress:
+                if not self.progress and self.rank == 0:
                     print(self._line(row), flush=True)
         finally:
             for s, h in handlers.items():
@@ -718,10 +853,12 @@ class Trainer:
         )
 
     def _finish(self) -> dict[str, Any]:
-        np.save(self.out / "selection_counts.npy", self.selection_counts.cpu().numpy())
-        np.save(self.out / "train_confidence.npy", self.train_confidence().cpu().numpy())
-        rows = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line]
-        last = rows[-1]
+        counts = self.selection_counts
+        if self.comm is not None:  # every rank backpropagated its own shard's examples
+            counts = self.comm.all_reduce_sum(counts, "all_reduce(SUM) of the selection counts")
+        last = self.last_row
+        if last is None:  # resumed after the last epoch's checkpoint: the row is on disk
+            last = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line][-1]
         summary = {
             "strategy": self.config.strategy,
             "final_test_error": last["test_error"],
@@ -732,7 +869,10 @@ class Trainer:
             "epochs": self.epoch,
             "label_noise_examples": len(self.noisy_indices),
         }
-        _write_json(self.out / "final.json", summary)
+        if self.rank == 0:
+            np.save(self.out / "selection_counts.npy", counts.cpu().numpy())
+            np.save(self.out / "train_confidence.npy", self.train_confidence().cpu().numpy())
+            _write_json(self.out / "final.json", summary)
         if self.progress:
             print(self._line(last), flush=True)
         return summary
