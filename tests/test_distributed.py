@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selective_backprop import BackpropQueue, PercentilePolicy, SelectiveBackprop
-from selective_backprop.kath18 import Kath18, _normalize, variance_reduction
 from selective_backprop.data import ArrayDataset, DeviceLoader
 from selective_backprop.distributed import ShardedLoader
+from selective_backprop.kath18 import Kath18, _normalize, variance_reduction
 
 LAUNCH_TIMEOUT_S = 40  # per launch; the collective timeout inside is 10 s
 COLLECTIVE_TIMEOUT_S = 10.0

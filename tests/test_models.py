@@ -108,9 +108,7 @@ class TestParameterCounts:
             model = build_model(name, num_classes=10, **kwargs)
         assert count(model) == expected
 
-    @pytest.mark.parametrize(
-        ("num_classes", "in_channels", "width", "hidden"), [(10, 1, 32, 128), (100, 3, 8, 16)]
-    )
+    @pytest.mark.parametrize(("num_classes", "in_channels", "width", "hidden"), [(10, 1, 32, 128), (100, 3, 8, 16)])
     def test_small_cnn_by_hand(self, num_classes: int, in_channels: int, width: int, hidden: int) -> None:
         conv1 = in_channels * width * 3 * 3  # no bias: BatchNorm follows
         bn1 = 2 * width  # weight + bias
@@ -157,9 +155,7 @@ class TestErrors:
             TypeError, match="model 'small-cnn' got unexpected option.* depth; it accepts: width, hidden"
         ):
             build_model("small-cnn", depth=10)
-        with pytest.raises(
-            TypeError, match="model 'resnet18' got unexpected option.* width; it accepts: no options"
-        ):
+        with pytest.raises(TypeError, match="model 'resnet18' got unexpected option.* width; it accepts: no options"):
             build_model("resnet18", width=32)
 
     @pytest.mark.parametrize(

@@ -75,9 +75,7 @@ class Spy:
 def batches_of(n: int, size: int, perm_seed: int | None = None):
     x, y, idx = index_data(n)
     order = (
-        torch.arange(n)
-        if perm_seed is None
-        else torch.randperm(n, generator=torch.Generator().manual_seed(perm_seed))
+        torch.arange(n) if perm_seed is None else torch.randperm(n, generator=torch.Generator().manual_seed(perm_seed))
     )
     for s in range(0, n, size):
         o = order[s : s + size]
@@ -337,9 +335,7 @@ class TestStaleSB:
 
     def test_backprop_refreshes_cached_loss_but_not_age(self):
         model = IndexLossModel()
-        sb = SelectiveBackprop(
-            model, batch_size=2, policy=Traditional(), staleness=3, dataset_size=4, prime_epochs=1
-        )
+        sb = SelectiveBackprop(model, batch_size=2, policy=Traditional(), staleness=3, dataset_size=4, prime_epochs=1)
         for b in sb.iterate(batches_of(4, 2)):
             b.loss(model(b.inputs))
         assert sb.cache.valid.all() and (sb.cache.age == 0).all()
@@ -438,9 +434,7 @@ class TestBadInput:
     def test_nonfinite_selection_loss_raise_and_skip(self):
         x = torch.tensor([[0.5], [float("nan")], [2.0]])
         y = torch.zeros(3, dtype=torch.long)
-        sb = SelectiveBackprop(
-            _ConstModel(), batch_size=1, policy=ClampPolicy(), loss_fn=_feature_loss, prime_epochs=0
-        )
+        sb = SelectiveBackprop(_ConstModel(), batch_size=1, policy=ClampPolicy(), loss_fn=_feature_loss, prime_epochs=0)
         with pytest.raises(ValueError, match="batch position 1"):
             sb.select(x, y)
         sb = SelectiveBackprop(
