@@ -1,11 +1,14 @@
 """Cost model: is an SB epoch as cheap as F + s*T predicts, and does Traditional cost what a bare loop costs?
 
 F = seconds per example of an eval-mode no-grad forward, T = seconds per example of a training step
-(forward + backward + SGD step), both measured here at the training batch size on the same data, and D = seconds
-per epoch of the data pipeline (the same for every strategy). For a measured selected fraction s, an SB epoch
+(forward + backward + SGD step), both measured here at the training batch size on the same data (means over
+batches after a warm-up: an epoch is a sum, so a mean predicts it and a median would not), and D = seconds per
+epoch of the data pipeline (the same for every strategy). For a measured selected fraction s, an SB epoch
 should cost D + N*(F + s*T) and a StaleSB epoch D + N*(F/n + s*T) (averaged over the n-epoch staleness cycle).
 Targets: actual / predicted <= 1.10, and Traditional through the trainer / a bare
-hand-written loop <= 1.05.
+hand-written loop <= 1.05 (both over the same number of epochs, the trainer's first excluded as warm-up).
+Where the prediction misses, the SB run's own timers say which term: the scoring forward per example scored vs F,
+the train step per example backpropagated vs T, and the bookkeeping / data seconds per epoch.
 
 Run by hand:  .venv/bin/python benchmarks/cost_model.py [--train-limit 12800] [--beta 3] [--device cpu]
 All numbers come from the same process, measured one after the other on the same machine.
@@ -32,13 +35,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+WARMUP = 10  # batches before F and T are measured (allocator, caches, CPU clocks settle)
+
+
 def per_example_costs(trainer: Trainer, batches: int) -> tuple[float, float]:
-    """(F, T): seconds per example of a scoring forward and of a training step, medians over batches."""
+    """(F, T): seconds per example of a scoring forward and of a training step, means over batches."""
     model, opt, device = trainer.model, trainer.optimizer, trainer.device
     fwd, step = [], []
     loader = sbdata.DeviceLoader(trainer.train_set, trainer.config.batch_size, seed=123)
     for k, (x, y, _) in enumerate(loader):
-        if k >= batches + 2:
+        if k >= batches + WARMUP:
             break
         x = x.contiguous(memory_format=trainer.memory_format)
         sync(device)
@@ -55,10 +61,10 @@ def per_example_costs(trainer: Trainer, batches: int) -> tuple[float, float]:
         opt.step()
         sync(device)
         t2 = time.perf_counter()
-        if k >= 2:
+        if k >= WARMUP:
             fwd.append((t1 - t) / len(x))
             step.append((t2 - t1) / len(x))
-    return sorted(fwd)[len(fwd) // 2], sorted(step)[len(step) // 2]
+    return sum(fwd) / len(fwd), sum(step) / len(step)
 
 
 def data_epoch(trainer: Trainer) -> float:
@@ -72,27 +78,40 @@ def data_epoch(trainer: Trainer) -> float:
     return time.perf_counter() - t
 
 
-def bare_epoch(trainer: Trainer) -> float:
-    """One epoch of the plainest loop over the same on-device loader: the floor Traditional is held to."""
+def bare_epochs(trainer: Trainer, epochs: int) -> list[float]:
+    """Epochs of the plainest loop over the same on-device loader: the floor Traditional is held to."""
     model, opt, device = trainer.model, trainer.optimizer, trainer.device
     loader = sbdata.DeviceLoader(trainer.train_set, trainer.config.batch_size, seed=7)
-    sync(device)
-    t = time.perf_counter()
-    for x, y, _ in loader:
-        loss = F.cross_entropy(model(x.contiguous(memory_format=trainer.memory_format)), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    sync(device)
-    return time.perf_counter() - t
+    times = []
+    for _ in range(epochs):
+        sync(device)
+        t = time.perf_counter()
+        for x, y, _ in loader:
+            loss = F.cross_entropy(model(x.contiguous(memory_format=trainer.memory_format)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return times
 
 
-def epoch_times(rows: list[dict]) -> list[tuple[float, float]]:
-    """(seconds, selected fraction) of each epoch from consecutive end-of-epoch rows."""
+PARTS = ("data_s", "select_forward_s", "bookkeeping_s", "train_s")
+COUNTS = ("selection_forwards", "backprops", "examples_seen")
+
+
+def epoch_times(rows: list[dict]) -> list[dict[str, float]]:
+    """Per epoch, from consecutive end-of-epoch rows: seconds, selected fraction, the time parts and counts."""
     ends = [r for r in rows if float(r["epoch"]).is_integer()]
     return [
-        (b["wall_train_s"] - a["wall_train_s"], b["selected_fraction"]) for a, b in zip(ends, ends[1:], strict=False)
-    ]
+        {"s": b["wall_train_s"] - a["wall_train_s"], "selected": b["selected_fraction"],
+         **{k: b[f"time_{k}"] - a[f"time_{k}"] for k in PARTS}, **{k: b[k] - a[k] for k in COUNTS}}
+        for a, b in zip(ends, ends[1:], strict=False)
+    ]  # fmt: skip
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def main() -> None:
@@ -113,8 +132,8 @@ def main() -> None:
         for strategy in ("traditional", "sb", "stale-sb"):
             trainer = Trainer(TrainConfig(strategy=strategy, epochs=epochs, **common), work / strategy, progress=False)
             if strategy == "traditional":
-                fwd, step = per_example_costs(trainer, batches=30)
-                bare = bare_epoch(trainer)
+                fwd, step = per_example_costs(trainer, batches=60)
+                bare = mean(bare_epochs(trainer, epochs)[1:])
                 data_s = min(data_epoch(trainer) for _ in range(3))
             trainer.run()
             results[strategy] = epoch_times(read_metrics(work / strategy))
@@ -124,19 +143,25 @@ def main() -> None:
               f"N={n} batch={trainer.config.batch_size} beta={args.beta} staleness={args.staleness}")  # fmt: skip
         print(f"F (scoring forward) = {fwd * 1e6:.1f} us/example, T (train step) = {step * 1e6:.1f} us/example, "
               f"F/T = {fwd / step:.2f}, D (data pipeline) = {data_s:.2f}s/epoch")  # fmt: skip
-        trad = [t for t, _ in results["traditional"]]
-        trad_epoch = sum(trad) / len(trad)
+        trad_epoch = mean([e["s"] for e in results["traditional"][1:]])  # the first epoch warms up
         print(f"Traditional epoch via trainer {trad_epoch:.2f}s vs bare loop {bare:.2f}s: ratio {trad_epoch / bare:.3f}"
               f" (target <= 1.05); predicted D + N*T = {data_s + n * step:.2f}s")  # fmt: skip
         for strategy, scoring in (("sb", fwd), ("stale-sb", fwd / args.staleness)):
             sel = results[strategy][1:]  # skip the primed epoch
-            actual = sum(t for t, _ in sel) / len(sel)
-            s = sum(f for _, f in sel) / len(sel)
+            actual = mean([e["s"] for e in sel])
+            s = mean([e["selected"] for e in sel])
             predicted = data_s + n * (scoring + s * step)
             formula = "F" if strategy == "sb" else "F/n"
             print(f"{strategy:>9}: selected s = {s:.3f}, epoch {actual:.2f}s, predicted D + N*({formula} + s*T) = "
                   f"{predicted:.2f}s, actual/predicted = {actual / predicted:.3f} (target <= 1.10), "
                   f"per-epoch speedup vs Traditional {trad_epoch / actual:.2f}x")  # fmt: skip
+            total = {k: sum(e[k] for e in sel) for k in (*PARTS, *COUNTS)}
+            f_run = total["select_forward_s"] / max(1, total["selection_forwards"])
+            t_run = total["train_s"] / max(1, total["backprops"])
+            book, data = total["bookkeeping_s"] / len(sel), total["data_s"] / len(sel)
+            print(f"{'':>11}in the run: scoring forward {f_run * 1e6:.1f} us/example scored ({f_run / fwd:.2f}x F), "
+                  f"train step {t_run * 1e6:.1f} us/example backpropagated ({t_run / step:.2f}x T), bookkeeping "
+                  f"{book:.2f}s/epoch, data {data:.2f}s/epoch")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -107,8 +107,8 @@ def _grid(args: argparse.Namespace) -> list[dict[str, Any]]:
                     overrides: dict[str, Any] = {"strategy": strategy, "seed": seed, "label_noise": noise}
                     if beta is not None:
                         overrides["beta"] = beta
-                    if args.selectivity is not None:
-                        overrides.update(selectivity_options(strategy, args.selectivity))
+                    if args.selectivity is not None:  # TrainConfig applies it; refuse knob-less strategies now
+                        selectivity_options(strategy, args.selectivity)
                     grid.append({"name": f"{label}-s{seed}", "label": label, "noise": noise, "strategy": strategy,
                                  "overrides": overrides})  # fmt: skip
     return grid
@@ -261,12 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--no-report", action="store_true", help="skip writing report.md/report.html at the end")
     p_cmp.add_argument(
         "--label-noise", default=None, help="comma-separated label-noise fractions, e.g. 0.001,0.1,0.2 (default: 0)"
-    )
-    p_cmp.add_argument(
-        "--selectivity",
-        type=float,
-        default=None,
-        help="tune every strategy to backprop this fraction (see strategies.selectivity_options)",
     )
     _add_config_args(p_cmp, skip=("strategy", "seed", "label_noise"))
     p_cmp.set_defaults(func=cmd_compare)

@@ -15,7 +15,6 @@ https://arxiv.org/abs/1803.00942), Algorithm 1:
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -130,15 +129,9 @@ class Kath18(_SelectorBase):
         g = _normalize(self._gathered(scores)[0])
         self.tau = self.tau_ema * self.tau + (1 - self.tau_ema) * float(variance_reduction(g))  # host sync
 
-    def select(self, inputs: Tensor, targets: Tensor, indices: Tensor | None = None) -> list[Batch]:
-        start = time.perf_counter()
-        score_s = 0.0
-        m = self._check_batch(inputs, targets, indices)
-        if m == 0:
-            return []
-        self._counters["seen"] += m
+    def _select(self, inputs: Tensor, targets: Tensor, indices: Tensor | None) -> list[Batch]:
         if not self.importance_sampling:
-            self._counters["selected"] += m
+            self._counters["selected"] += len(inputs)
             leftover = self.pool.flush()  # a presample cut short when tau fell back: train it uniformly
             ready = [] if leftover is None else self.queue.push(*leftover)  # same size on every rank
             ready += self._push(inputs, targets, indices)
@@ -146,9 +139,7 @@ class Kath18(_SelectorBase):
         else:
             batches = []
             for px, py, pidx in self.pool.push(inputs, targets, indices):
-                t = time.perf_counter()
                 outputs, losses = self._score(px, py)
-                score_s += time.perf_counter() - t
                 scores = self._scores(outputs, py, losses)
                 g = _normalize(scores)
                 self._update_tau(scores)
@@ -157,8 +148,6 @@ class Kath18(_SelectorBase):
                 self._counters["selection_forwards"] += len(px)
                 self._counters["selected"] += len(drawn)
                 batches.append(self._batch((px[drawn], py[drawn], None if pidx is None else pidx[drawn], weights)))
-        self._counters["score_time_s"] += score_s
-        self._counters["select_time_s"] += time.perf_counter() - start - score_s
         return batches
 
     def _observe(self, batch: Batch, outputs: Tensor, losses: Tensor) -> None:

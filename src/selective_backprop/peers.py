@@ -18,7 +18,6 @@ the same counters.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 import torch
@@ -190,19 +189,20 @@ class InfoBatch(_SelectorBase):
         """Whether this epoch prunes (``epoch < delta * epochs``)."""
         return self.epoch < self.delta * self.epochs
 
-    def select(self, inputs: Tensor, targets: Tensor, indices: Tensor | None = None) -> list[Batch]:
-        start = time.perf_counter()
-        m = self._check_batch(inputs, targets, indices)
+    def _check_batch(self, inputs: Tensor, targets: Tensor, indices: Tensor | None) -> int:
+        m = super()._check_batch(inputs, targets, indices)
         if indices is None:
             raise ValueError(
                 "InfoBatch needs dataset indices to keep one score per example: call select(inputs, targets, "
                 "indices) or use a loader that yields (inputs, targets, indices)"
             )
-        if m == 0:
-            return []
+        return m
+
+    def _select(self, inputs: Tensor, targets: Tensor, indices: Tensor | None) -> list[Batch]:
+        assert indices is not None  # _check_batch
+        m = len(inputs)
         self._place(indices.device)
         self._check_indices(indices)
-        self._counters["seen"] += m
         if self.pruning:
             if self.threshold is None:
                 self.threshold = mean_score(self.scores, self.scored)
@@ -215,9 +215,7 @@ class InfoBatch(_SelectorBase):
         else:
             fields = (inputs, targets, indices, torch.ones(m, dtype=torch.float32, device=inputs.device))
         self._counters["selected"] += len(fields[0])
-        batches = [self._batch(f) for f in self.queue.push(*fields)]
-        self._counters["select_time_s"] += time.perf_counter() - start
-        return batches
+        return [self._batch(f) for f in self.queue.push(*fields)]
 
     def end_epoch(self) -> list[Batch]:
         self.threshold = None
@@ -403,22 +401,15 @@ class ComposerSB(_SelectorBase):
         """Fraction of the training budget offered so far: ``offered / (epochs * dataset_size)``."""
         return self.offered / (self.epochs * self.dataset_size)
 
-    def select(self, inputs: Tensor, targets: Tensor, indices: Tensor | None = None) -> list[Batch]:
-        start = time.perf_counter()
-        score_s = 0.0
-        m = self._check_batch(inputs, targets, indices)
-        if m == 0:
-            return []
+    def _select(self, inputs: Tensor, targets: Tensor, indices: Tensor | None) -> list[Batch]:
+        m = len(inputs)
         active = self.keep < 1 and composer_should_select(
             self.progress, self.batch_in_epoch, self.start, self.end, self.interrupt
         )
         self.offered += m
         self.batch_in_epoch += 1
-        self._counters["seen"] += m
         if active:
-            t = time.perf_counter()
             losses = self._score(inputs, targets)[1]
-            score_s = time.perf_counter() - t
             chosen = composer_select(losses, self.keep, self._rng(losses.device))
             self._counters["selection_forwards"] += m
             self._counters["selected"] += len(chosen)
@@ -427,8 +418,6 @@ class ComposerSB(_SelectorBase):
         else:
             self._counters["selected"] += m
             batches = [self._batch(f) for f in self.queue.push(inputs, targets, indices)]
-        self._counters["score_time_s"] += score_s
-        self._counters["select_time_s"] += time.perf_counter() - start - score_s
         return batches
 
     def end_epoch(self) -> list[Batch]:

@@ -286,6 +286,7 @@ class _SelectorBase:
         self.queue = BackpropQueue(batch_size)
         self.epoch = 0
         self._counters: dict[str, float] = dict.fromkeys(COUNTER_NAMES, 0)
+        self._score_s = 0.0  # scoring-forward seconds of the select() call in progress
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None  # restored state waiting for the first batch's device
         # Global selection over a process group (selective_backprop.distributed): None when single-process.
@@ -309,7 +310,24 @@ class _SelectorBase:
         self._counters = dict.fromkeys(COUNTER_NAMES, 0)
 
     def select(self, inputs: Tensor, targets: Tensor, indices: Tensor | None = None) -> list[Batch]:
-        """Offer one loader batch; return the training batches that became ready (often zero or one)."""
+        """Offer one loader batch; return the training batches that became ready (often zero or one).
+
+        Checks the batch, runs the strategy's :meth:`_select` and times it: ``score_time_s`` gets the scoring
+        forwards (:meth:`_score`), ``select_time_s`` the rest.
+        """
+        start = time.perf_counter()
+        self._score_s = 0.0
+        m = self._check_batch(inputs, targets, indices)
+        if m == 0:
+            return []
+        batches = self._select(inputs, targets, indices)
+        self._counters["seen"] += m
+        self._counters["score_time_s"] += self._score_s
+        self._counters["select_time_s"] += time.perf_counter() - start - self._score_s
+        return batches
+
+    def _select(self, inputs: Tensor, targets: Tensor, indices: Tensor | None) -> list[Batch]:
+        """The strategy: see a checked, non-empty loader batch; return the training batches now ready."""
         raise NotImplementedError
 
     def flush(self) -> list[Batch]:
@@ -407,16 +425,20 @@ class _SelectorBase:
         return losses
 
     def _score(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Scoring forward without grad (eval mode unless ``score_mode='train'``): (outputs, losses)."""
+        """Scoring forward under inference mode (eval mode unless ``score_mode='train'``): (outputs, losses).
+
+        Its host time is added to ``score_time_s`` (on CUDA: launch time unless the caller synchronizes)."""
+        start = time.perf_counter()
         was_training = self.model.training
         if self.score_mode == "eval":
             self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.inference_mode():  # no autograd bookkeeping at all (cheaper than no_grad)
                 outputs = self.model(inputs)
                 losses = self._per_example(outputs, targets)
         finally:
             self.model.train(was_training)
+            self._score_s += time.perf_counter() - start
         return outputs, losses
 
     def _push(self, *fields: Tensor | None) -> list[Fields]:
@@ -545,14 +567,8 @@ class SelectiveBackprop(_SelectorBase):
         """True during the first ``prime_epochs`` epochs, when every example is backpropagated."""
         return self.epoch < self.prime_epochs
 
-    def select(self, inputs: Tensor, targets: Tensor, indices: Tensor | None = None) -> list[Batch]:
-        start = time.perf_counter()
-        score_s = 0.0
-        m = self._check_batch(inputs, targets, indices)
-        if m == 0:
-            return []
-        counters = self._counters
-        counters["seen"] += m
+    def _select(self, inputs: Tensor, targets: Tensor, indices: Tensor | None) -> list[Batch]:
+        m = len(inputs)
         take_all = self.priming or getattr(self.policy, "selects_all", False)
         if self.cache is not None:
             if indices is None:
@@ -564,23 +580,18 @@ class SelectiveBackprop(_SelectorBase):
                 self.cache.to(indices.device)
             self.cache.check_indices(indices)
         if take_all:
-            counters["selected"] += m
+            self._counters["selected"] += m
             ready = self._push(inputs, targets, indices)
         else:
             if self.policy.needs_loss:
-                t = time.perf_counter()
                 losses = self._selection_losses(inputs, targets, indices)
-                score_s = time.perf_counter() - t
             else:
                 losses = torch.zeros(m, device=inputs.device)
             keep = self._coin_flips(losses)
             chosen = keep.nonzero().squeeze(1)  # host sync: the queue needs the count
-            counters["selected"] += len(chosen)
+            self._counters["selected"] += len(chosen)
             ready = self._push(inputs[chosen], targets[chosen], None if indices is None else indices[chosen])
-        batches = [self._batch(fields, self.priming) for fields in ready]
-        counters["score_time_s"] += score_s
-        counters["select_time_s"] += time.perf_counter() - start - score_s
-        return batches
+        return [self._batch(fields, self.priming) for fields in ready]
 
     def _selection_losses(self, inputs: Tensor, targets: Tensor, indices: Tensor | None) -> Tensor:
         """Fresh scoring-forward losses, or cached ones for StaleSB; only stale examples are forwarded."""

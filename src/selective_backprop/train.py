@@ -51,6 +51,7 @@ needs the same ``N`` and picks the newest position every rank has a usable check
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import hashlib
@@ -79,7 +80,7 @@ from . import data as sbdata
 from .distributed import Collectives, ShardedLoader
 from .models import build_model
 from .selector import Batch, _SelectorBase
-from .strategies import SINGLE_PROCESS_ONLY, STRATEGIES, build_selector
+from .strategies import SINGLE_PROCESS_ONLY, STRATEGIES, build_selector, selectivity_options
 
 __all__ = [
     "TrainConfig",
@@ -124,6 +125,12 @@ class TrainConfig:
     lr_gamma: float = _h("step schedule factor", default=0.1)
     lr_unit: str = _h("what the schedule counts: examples (seen) | backprops (backpropagated)", default="examples")
     beta: float = _h("SB / StaleSB selectivity exponent (authors' default 3)", default=3.0)
+    selectivity: float | None = _h(
+        "set the strategy's knob to backprop about this fraction (SB/StaleSB beta = 1/S - 1, random rate, Kath18 "
+        "presample, composer-sb keep)", default=None)  # fmt: skip
+    target_time: float | None = _h(
+        "SB/StaleSB: pick beta so a selective epoch costs about this fraction of a Traditional one, from the "
+        "scoring-forward and train-step costs measured before training", default=None)  # fmt: skip
     staleness: int = _h("StaleSB: reuse a cached loss for this many epochs", default=3)
     prime_epochs: int = _h("epochs of unconditional backprop before selecting (SB family)", default=1)
     rate: float | None = _h("random strategy: selection rate (default 1/(beta+1))", default=None)
@@ -143,6 +150,14 @@ class TrainConfig:
     seed: int = _h("seed of the model init, the data order, label noise and the coins", default=0)
     device: str = _h("auto | cpu | cuda | cuda:N", default="auto")
     channels_last: bool = _h("NHWC memory format for model and batches (faster convolutions here)", default=True)
+    score_batch_size: int | None = _h(
+        "examples per loader batch, i.e. per scoring forward (default: batch_size); training batches stay "
+        "batch_size", default=None)  # fmt: skip
+    amp: str = _h("autocast for the scoring and training forwards: off | bf16 | fp16 (CUDA, with a gradient scaler)",
+                  default="off")  # fmt: skip
+    compile: str | None = _h("torch.compile the model with this backend (e.g. inductor); compile time is measured "
+                             "before training and reported as compile_s, apart from training time",
+                             default=None)  # fmt: skip
     threads: int | None = _h("torch CPU threads (default: torch's choice)", default=None)
     data_dir: str | None = _h("folder with the dataset's official files", default=None)
     download: bool = _h("download the dataset if it is not found", default=False)
@@ -161,11 +176,19 @@ class TrainConfig:
             (self.eval_every is None or self.eval_every > 0, "eval_every must be > 0"),
             (self.nonfinite in ("raise", "skip"), "nonfinite must be raise or skip"),
             (self.dist_timeout > 0, "dist_timeout must be > 0 seconds"),
+            (self.amp in ("off", "bf16", "fp16"), "amp must be off, bf16 or fp16"),
+            (self.score_batch_size is None or self.score_batch_size >= 1, "score_batch_size must be >= 1"),
+            (self.target_time is None or self.strategy in ("sb", "stale-sb"), "target_time needs sb or stale-sb"),
+            (self.target_time is None or 0 < self.target_time <= 1, "target_time must be a fraction in (0, 1]"),
+            (self.target_time is None or self.selectivity is None, "give selectivity or target_time, not both"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"{message}; got {self}")
         self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
+        if self.selectivity is not None:  # raises ValueError naming the strategies that have a knob
+            for name, value in selectivity_options(self.strategy, self.selectivity).items():
+                setattr(self, name, value)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -387,22 +410,41 @@ class Trainer:
         if self.comm is not None:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.scoring_model: torch.nn.Module = self.model  # what the selector's scoring forward calls
+        if config.compile:
+            self.scoring_model = torch.compile(self.model, backend=config.compile)  # type: ignore[assignment]
+            self.train_model = (
+                self.scoring_model if self.comm is None else torch.compile(self.train_model, backend=config.compile)
+            )  # type: ignore[assignment]
+        if config.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError("amp fp16 needs CUDA (it trains with a gradient scaler); on CPU use --amp bf16 or off")
+        self.autocast_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
+        resuming = resume and self._has_checkpoint()
+        self.compile_s = 0.0  # seconds spent compiling before training (this process and, resumed, earlier ones)
+        if config.compile:
+            self.compile_s = self._compile()
+        self.calibration: dict[str, float] = {}
+        beta = config.beta
+        if config.target_time is not None and not resuming:  # resumed: beta comes back with the policy's state
+            beta = self._beta_for_target_time()
         self.selector: _SelectorBase = build_selector(
-            config.strategy, self.model, len(self.train_set),
-            batch_size=config.batch_size, beta=config.beta, staleness=config.staleness,
+            config.strategy, self.scoring_model, len(self.train_set),
+            batch_size=config.batch_size, beta=beta, staleness=config.staleness,
             prime_epochs=config.prime_epochs, rate=config.rate, threshold=config.threshold,
             presample=config.presample, kath_score=config.kath_score, score_mode=config.score_mode, seed=config.seed,
             epochs=config.epochs, prune_ratio=config.prune_ratio, keep=config.keep, distributed=self.comm is not None,
         )  # fmt: skip
+        loader_batch = config.score_batch_size or config.batch_size  # one scoring forward per loader batch
         self.loader: sbdata.DeviceLoader = (
-            sbdata.DeviceLoader(self.train_set, config.batch_size, shuffle=True, augment=self.augment, seed=config.seed)
+            sbdata.DeviceLoader(self.train_set, loader_batch, shuffle=True, augment=self.augment, seed=config.seed)
             if self.comm is None
             else ShardedLoader(
-                self.train_set, config.batch_size, self.rank, self.world_size, seed=config.seed, augment=self.augment
-            )  # fmt: skip
+                self.train_set, loader_batch, self.rank, self.world_size, seed=config.seed, augment=self.augment
+            )
         )
         n = len(self.train_set)
         self.epoch = 0
@@ -419,12 +461,98 @@ class Trainer:
         self._stop_signal: int | None = None
         if config.nonfinite == "skip" and hasattr(self.selector, "nonfinite"):
             self.selector.nonfinite = "skip"  # NaN/inf scoring losses: not selected (SelectiveBackprop's option)
-        if resume and self._has_checkpoint():
+        if resuming:
             self._load_checkpoint()
         elif self.rank == 0:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)  # rows of a run that never checkpointed
             _write_json(self.out / "config.json", config.to_json())
-            _write_json(self.out / "environment.json", {**environment(self.device), "world_size": self.world_size})
+            env = {**environment(self.device), "world_size": self.world_size, "compile_s": self.compile_s}
+            _write_json(self.out / "environment.json", {**env, **self.calibration})
+
+    # ----- before training: compilation and cost calibration (neither counts as training time) --------------
+    def _autocast(self) -> Any:
+        """The autocast context of both forwards (disabled with ``amp='off'``)."""
+        dtype = self.autocast_dtype or torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast_dtype is not None)
+
+    def _trial(self, x: Tensor, y: Tensor) -> tuple[float, float]:
+        """Seconds of one scoring forward and one training step on ``(x, y)``, as the run does them."""
+        self._sync()
+        t0 = time.perf_counter()
+        with self._autocast(), torch.inference_mode():
+            self.scoring_model.eval()
+            F.cross_entropy(self.scoring_model(x), y, reduction="none")
+            self.scoring_model.train()
+        self._sync()
+        t1 = time.perf_counter()
+        with self._autocast():
+            loss = F.cross_entropy(self.train_model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self._sync()
+        return t1 - t0, time.perf_counter() - t1
+
+    def _trials(self, shapes: list[int], repeats: int) -> list[tuple[int, float, float]]:
+        """``(batch, forward s, step s)`` of ``repeats`` trials per batch size in ``shapes``; the model, optimizer,
+        scaler and RNGs are put back afterwards, so the run is the same as without trials."""
+        saved = copy.deepcopy((self.model.state_dict(), self.optimizer.state_dict(), self.scaler.state_dict()))
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        x, y, _ = next(iter(sbdata.DeviceLoader(self.train_set, max(shapes), seed=self.config.seed + 7919)))
+        x = x.contiguous(memory_format=self.memory_format)
+        out = [(m, *self._trial(x[:m], y[:m])) for m in shapes for _ in range(repeats)]
+        self.model.load_state_dict(saved[0])
+        self.optimizer.load_state_dict(saved[1])
+        self.scaler.load_state_dict(saved[2])
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+        return out
+
+    def _compile(self) -> float:
+        """Compile both forwards and the backward before training; return the seconds it took.
+
+        Two batch sizes per mode, so later odd-sized batches (the epoch's last, StaleSB's partial scoring
+        forwards, flushes) reuse a dynamic-shape graph instead of recompiling during training."""
+        t = time.perf_counter()
+        b = min(self.config.score_batch_size or self.config.batch_size, len(self.train_set))
+        self._trials([b, max(2, b // 2)] if b > 2 else [b], repeats=1)
+        return time.perf_counter() - t
+
+    def _beta_for_target_time(self) -> float:
+        """The beta at which a selective epoch costs ``target_time`` x a Traditional one, per the cost model.
+
+        An SB epoch costs N (F + s T) against Traditional's N T (StaleSB: N (F/n + s T)), and the percentile rule
+        selects s = 1 / (beta + 1) of the examples, so s = target_time - F / (n T) and beta = 1/s - 1. F and T
+        are measured here (means of 5 trials after a warm-up, at the scoring and training batch sizes)."""
+        c = self.config
+        b = min(c.batch_size, len(self.train_set))
+        score_b = min(c.score_batch_size or c.batch_size, len(self.train_set))
+        trials = self._trials(sorted({b, score_b}), repeats=6)
+        fwd = [f / m for m, f, _ in trials if m == score_b][1:]
+        step = [t / m for m, _, t in trials if m == b][1:]
+        costs = torch.tensor([sum(fwd) / len(fwd), sum(step) / len(step)], dtype=torch.float64)
+        if self.comm is not None:  # one beta for all ranks: the mean of their measurements
+            costs = self.comm.all_reduce_sum(costs, "all_reduce(SUM) of the measured costs") / self.world_size
+        f, t = costs.tolist()
+        n = c.staleness if c.strategy == "stale-sb" else 1
+        fraction = c.target_time - f / (n * t)  # type: ignore[operator]
+        if fraction <= 0:
+            raise ValueError(
+                f"target_time {c.target_time} is not reachable: the scoring forwards alone cost {f / (n * t):.2f} of "
+                f"a Traditional epoch here (F/T = {f / t:.2f}{'' if n == 1 else f', n = {n}'}); raise target_time, "
+                "use stale-sb or a larger --staleness"
+            )
+        beta = 1 / min(1.0, fraction) - 1
+        selected = min(1.0, fraction)
+        self.calibration = {"scoring_forward_s_per_example": f, "train_step_s_per_example": t,
+                            "target_time": c.target_time, "selected_fraction": selected, "beta": beta}  # fmt: skip
+        if self.rank == 0:
+            print(f"target_time {c.target_time}: F = {f * 1e6:.1f} us, T = {t * 1e6:.1f} us per example (F/T = "
+                  f"{f / t:.2f}) -> backprop {selected:.1%} -> beta = {beta:.3f}", file=sys.stderr)  # fmt: skip
+        return beta
 
     # ----- setup -------------------------------------------------------------------------------------------
     def _join_process_group(self) -> None:
@@ -513,6 +641,8 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "rank": self.rank,
             "world_size": self.world_size,
+            "scaler": self.scaler.state_dict(),
+            "compile_s": self.compile_s,
         }
 
     def checkpoint_paths(self) -> tuple[Path, Path]:
@@ -597,6 +727,8 @@ class Trainer:
         self.interval = state["interval"]
         self.metrics_rows, self.next_eval = state["metrics_rows"], state["next_eval"]
         self.skipped_steps = state["skipped_steps"]
+        self.scaler.load_state_dict(state.get("scaler", {}))
+        self.compile_s += state.get("compile_s", 0.0)
         self.last_checkpoint = path
         torch.set_rng_state(state["torch_rng"].cpu())
         if state["cuda_rng"] is not None and torch.cuda.is_available():
@@ -631,9 +763,10 @@ class Trainer:
         lr = lr_at(c, self._progress())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        outputs = self.train_model(batch.inputs)
         try:
-            loss = batch.loss(outputs)  # raises ValueError on a NaN/inf loss, before anything is recorded
+            with self._autocast():
+                outputs = self.train_model(batch.inputs)
+                loss = batch.loss(outputs)  # raises ValueError on a NaN/inf loss, before anything is recorded
         except ValueError as e:
             bad = self._nonfinite(outputs, batch.targets, batch.indices)
             if not bad:
@@ -643,8 +776,9 @@ class Trainer:
             self.skipped_steps += 1
             return
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()  # without fp16 the scaler is off: loss.backward(); optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.interval["loss_sum"] += loss.detach() * len(batch)
         self.interval["losses"] += len(batch)
         if batch.indices is not None:
@@ -704,7 +838,8 @@ class Trainer:
             inputs, targets, indices = item
             inputs = inputs.contiguous(memory_format=self.memory_format)
             try:
-                batches = self.selector.select(inputs, targets, indices)
+                with self._autocast():
+                    batches = self.selector.select(inputs, targets, indices)
             except ValueError as e:  # a NaN/inf scoring loss (nonfinite="raise"), or a genuine bad input
                 bad = self._nonfinite(None, targets, indices, inputs)
                 if not bad:
@@ -790,6 +925,7 @@ class Trainer:
             "noisy_backprops": round(noisy) if len(self.noisy_indices) else None,
             "wall_train_s": sum(self.times.values()),
             **{f"time_{k}": v for k, v in self.times.items()},
+            "compile_s": self.compile_s,
             "test_error": error,
             "test_loss": test_loss,
             "train_loss": loss_sum / losses if losses else None,
@@ -839,7 +975,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(
-            total=len(self.train_set), initial=min(len(self.train_set), self.batches_done * self.config.batch_size),
+            total=len(self.train_set), initial=min(len(self.train_set), self.batches_done * self.loader.batch_size),
             desc=f"{self.config.strategy} epoch {self.epoch + 1}/{self.config.epochs}", unit="ex", leave=False,
         )  # fmt: skip
 
@@ -863,6 +999,7 @@ class Trainer:
             "strategy": self.config.strategy,
             "final_test_error": last["test_error"],
             "wall_train_s": last["wall_train_s"],
+            "compile_s": self.compile_s,
             "backprops": last["backprops"],
             "selection_forwards": last["selection_forwards"],
             "examples_seen": last["examples_seen"],
