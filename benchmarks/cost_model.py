@@ -1,9 +1,10 @@
 """Cost model: is an SB epoch as cheap as F + s*T predicts, and does Traditional cost what a bare loop costs?
 
-F = seconds per example of an eval-mode no-grad forward, T = seconds per example of a training step
-(forward + backward + SGD step), both measured here at the training batch size on the same data (means over
-batches after a warm-up: an epoch is a sum, so a mean predicts it and a median would not), and D = seconds per
-epoch of the data pipeline (the same for every strategy). For a measured selected fraction s, an SB epoch
+F = seconds per example of a scoring forward (eval mode, inference mode, at the loader batch size), T = seconds
+per example of a training step (forward + backward + SGD step at the training batch size), both measured by
+``Trainer.measure_costs`` exactly as the run does them (means over trials after a warm-up: an epoch is a sum, so
+a mean predicts it and a median would not), and D = seconds per epoch of the data pipeline (the same for every
+strategy). For a measured selected fraction s, an SB epoch
 should cost D + N*(F + s*T) and a StaleSB epoch D + N*(F/n + s*T) (averaged over the n-epoch staleness cycle).
 Targets: actual / predicted <= 1.10, and Traditional through the trainer / a bare
 hand-written loop <= 1.05 (both over the same number of epochs, the trainer's first excluded as warm-up).
@@ -11,6 +12,7 @@ Where the prediction misses, the SB run's own timers say which term: the scoring
 the train step per example backpropagated vs T, and the bookkeeping / data seconds per epoch.
 
 Run by hand:  .venv/bin/python benchmarks/cost_model.py [--train-limit 12800] [--beta 3] [--device cpu]
+              [--score-batch-size 512] [--amp bf16] [--compile inductor]
 All numbers come from the same process, measured one after the other on the same machine.
 """
 
@@ -35,36 +37,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-WARMUP = 10  # batches before F and T are measured (allocator, caches, CPU clocks settle)
-
-
-def per_example_costs(trainer: Trainer, batches: int) -> tuple[float, float]:
-    """(F, T): seconds per example of a scoring forward and of a training step, means over batches."""
-    model, opt, device = trainer.model, trainer.optimizer, trainer.device
-    fwd, step = [], []
-    loader = sbdata.DeviceLoader(trainer.train_set, trainer.config.batch_size, seed=123)
-    for k, (x, y, _) in enumerate(loader):
-        if k >= batches + WARMUP:
-            break
-        x = x.contiguous(memory_format=trainer.memory_format)
-        sync(device)
-        t = time.perf_counter()
-        model.eval()
-        with torch.no_grad():
-            F.cross_entropy(model(x), y, reduction="none")
-        model.train()
-        sync(device)
-        t1 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync(device)
-        t2 = time.perf_counter()
-        if k >= WARMUP:
-            fwd.append((t1 - t) / len(x))
-            step.append((t2 - t1) / len(x))
-    return sum(fwd) / len(fwd), sum(step) / len(step)
+WARMUP = 10  # trials before F and T are measured (allocator, caches, CPU clocks settle)
 
 
 def data_epoch(trainer: Trainer) -> float:
@@ -79,15 +52,17 @@ def data_epoch(trainer: Trainer) -> float:
 
 
 def bare_epochs(trainer: Trainer, epochs: int) -> list[float]:
-    """Epochs of the plainest loop over the same on-device loader: the floor Traditional is held to."""
-    model, opt, device = trainer.model, trainer.optimizer, trainer.device
+    """Epochs of the plainest loop over the same on-device loader (same model wrapper, autocast and memory format):
+    the floor Traditional is held to."""
+    model, opt, device = trainer.train_model, trainer.optimizer, trainer.device
     loader = sbdata.DeviceLoader(trainer.train_set, trainer.config.batch_size, seed=7)
     times = []
     for _ in range(epochs):
         sync(device)
         t = time.perf_counter()
         for x, y, _ in loader:
-            loss = F.cross_entropy(model(x.contiguous(memory_format=trainer.memory_format)), y)
+            with trainer.autocast():
+                loss = F.cross_entropy(model(x.contiguous(memory_format=trainer.memory_format)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -122,17 +97,21 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--model", default="small-cnn")
+    parser.add_argument("--score-batch-size", type=int, default=None, help="scoring batch (default: 128)")
+    parser.add_argument("--amp", default="off", help="off | bf16 | fp16")
+    parser.add_argument("--compile", default=None, help="torch.compile backend (default: none)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sb-cost-"))
     common = dict(dataset=args.dataset, model=args.model, train_limit=args.train_limit, test_limit=1000,
-                  beta=args.beta, staleness=args.staleness, device=args.device, lr_schedule="constant")  # fmt: skip
+                  beta=args.beta, staleness=args.staleness, device=args.device, lr_schedule="constant",
+                  score_batch_size=args.score_batch_size, amp=args.amp, compile=args.compile)  # fmt: skip
     try:
         epochs = 1 + args.staleness  # priming, then one full staleness cycle
         results = {}
         for strategy in ("traditional", "sb", "stale-sb"):
             trainer = Trainer(TrainConfig(strategy=strategy, epochs=epochs, **common), work / strategy, progress=False)
             if strategy == "traditional":
-                fwd, step = per_example_costs(trainer, batches=60)
+                fwd, step = trainer.measure_costs(repeats=60, warmup=WARMUP)  # as the run does them
                 bare = mean(bare_epochs(trainer, epochs)[1:])
                 data_s = min(data_epoch(trainer) for _ in range(3))
             trainer.run()

@@ -43,11 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from selective_backprop.analysis import Estimate, crossing, estimate, paired_speedups, read_metrics
+from selective_backprop.strategies import STRATEGIES as TRAIN_STRATEGIES
 from selective_backprop.train import Interrupted, TrainConfig, Trainer, environment, resolve_device, write_atomic
 
 FACTORS = (1.2, 1.4)  # targets: these multiples of Traditional's final error (mean over its seeds)
 CHECK_FACTOR = 1.4  # the target at which the best SB beta is chosen
 STRATEGIES = ("traditional", "sb", "stale-sb", "kath18", "random")
+STRATEGIES_ALL = tuple(TRAIN_STRATEGIES)
 
 Times = dict[int, float | None]  # seed -> seconds (None: never reached)
 
@@ -59,6 +61,29 @@ class Spec:
     label: str
     strategy: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    variant: bool = False  # from --variant: in the tables, not in the MET / MISSED checks
+
+
+def parse_variant(text: str) -> Spec:
+    """``LABEL:strategy=sb,key=value,...`` (TrainConfig fields; values read as JSON, else as text) -> a Spec."""
+    label, sep, body = text.partition(":")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides: dict[str, Any] = {}
+    for item in body.split(",") if sep else []:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in fields:
+            raise ValueError(f"--variant {text!r}: {item!r} is not key=value with a TrainConfig field as key")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    strategy = overrides.pop("strategy", None)
+    if not label or strategy not in STRATEGIES_ALL:
+        raise ValueError(
+            f"--variant {text!r}: expected LABEL:strategy=<one of {','.join(STRATEGIES_ALL)}>,key=value,..."
+        )
+    return Spec(label, strategy, overrides, variant=True)
 
 
 def _floats(text: str) -> list[float]:
@@ -82,16 +107,17 @@ def grid(args: argparse.Namespace) -> list[Spec]:
         specs.append(Spec("kath18", "kath18"))
     if "random" in chosen:
         specs.append(Spec(f"random-r{args.random_rate:g}", "random", {"rate": args.random_rate}))
+    specs += [parse_variant(v) for v in args.variant]
+    if len({s.label for s in specs}) < len(specs):
+        raise ValueError(f"labels must differ: {[s.label for s in specs]}")
     return specs
 
 
 def config_for(args: argparse.Namespace, spec: Spec, seed: int) -> TrainConfig:
-    return TrainConfig(
-        dataset="fashion-mnist", model="small-cnn", strategy=spec.strategy, seed=seed, epochs=args.epochs,
-        train_limit=args.train_limit, test_limit=args.test_limit, device=args.device, lr_unit=args.lr_unit,
-        eval_every=args.eval_every,
-        **spec.overrides,
-    )  # fmt: skip
+    base = dict(dataset="fashion-mnist", model="small-cnn", strategy=spec.strategy, seed=seed, epochs=args.epochs,
+                train_limit=args.train_limit, test_limit=args.test_limit, device=args.device, lr_unit=args.lr_unit,
+                eval_every=args.eval_every)  # fmt: skip
+    return TrainConfig(**{**base, **spec.overrides})
 
 
 def check_config(config: TrainConfig, folder: Path) -> None:
@@ -155,7 +181,7 @@ def label_stats(
         lb, runs = spec.label, rows[spec.label]
         n_examples = {seed: r[-1]["examples_seen"] for seed, r in runs.items()}
         out[lb] = {
-            "strategy": spec.strategy, "overrides": spec.overrides, "seeds": sorted(runs),
+            "strategy": spec.strategy, "overrides": spec.overrides, "variant": spec.variant, "seeds": sorted(runs),
             "final_error": estimate([r[-1]["test_error"] for r in runs.values()]),
             "train_time_s": estimate(list(train[lb].values())),
             "backprop_share": estimate([r[-1]["backprops"] / n_examples[s] for s, r in runs.items()]),
@@ -222,14 +248,16 @@ def best_sb(stats: dict[str, dict[str, Any]]) -> str | None:
         e = stats[lb]["targets"].get(CHECK_FACTOR, {}).get("vs_traditional")
         return -1.0 if e is None or e.mean is None else e.mean
 
-    return max((lb for lb, s in stats.items() if s["strategy"] == "sb"), key=at_check, default=None)
+    return max(
+        (lb for lb, s in stats.items() if s["strategy"] == "sb" and not s["variant"]), key=at_check, default=None
+    )
 
 
 def checks(stats: dict[str, dict[str, Any]], times: dict[float, dict[str, Times]]) -> list[dict[str, Any]]:
     """The issue's targets at each target error: MET when the mean paired speedup clears the threshold."""
     best = best_sb(stats)
-    stale = next((lb for lb, s in stats.items() if s["strategy"] == "stale-sb"), None)
-    same = next((lb for lb, s in stats.items() if s["strategy"] == "sb" and stale is not None
+    stale = next((lb for lb, s in stats.items() if s["strategy"] == "stale-sb" and not s["variant"]), None)
+    same = next((lb for lb, s in stats.items() if s["strategy"] == "sb" and stale is not None and not s["variant"]
                  and s["overrides"]["beta"] == stats[stale]["overrides"]["beta"]), None)  # fmt: skip
     kath = "kath18" if "kath18" in stats else None
     out = []
@@ -302,6 +330,11 @@ def main() -> int:
     parser.add_argument("--eval-every", type=int, default=None,
                         help="also evaluate every N examples seen: finer time-to-target interpolation (default: "
                         "once per epoch; evaluation is not training time but costs wall clock)")  # fmt: skip
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:strategy=S,key=value,...",
+                        help="an extra label with its own TrainConfig settings, e.g. "
+                        "sb-fast:strategy=sb,prime_epochs=0,score_batch_size=512 (repeatable; in the tables, "
+                        "not in the checks); finished runs in --out are reused, so variants can be added "
+                        "later")  # fmt: skip
     parser.add_argument("--out", default="runs/time_to_target", help="folder of all runs and results.json")
     args = parser.parse_args()
     try:

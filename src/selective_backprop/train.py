@@ -470,7 +470,7 @@ class Trainer:
             _write_json(self.out / "environment.json", {**env, **self.calibration})
 
     # ----- before training: compilation and cost calibration (neither counts as training time) --------------
-    def _autocast(self) -> Any:
+    def autocast(self) -> Any:
         """The autocast context of both forwards (disabled with ``amp='off'``)."""
         dtype = self.autocast_dtype or torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast_dtype is not None)
@@ -479,13 +479,13 @@ class Trainer:
         """Seconds of one scoring forward and one training step on ``(x, y)``, as the run does them."""
         self._sync()
         t0 = time.perf_counter()
-        with self._autocast(), torch.inference_mode():
+        with self.autocast(), torch.inference_mode():
             self.scoring_model.eval()
             F.cross_entropy(self.scoring_model(x), y, reduction="none")
             self.scoring_model.train()
         self._sync()
         t1 = time.perf_counter()
-        with self._autocast():
+        with self.autocast():
             loss = F.cross_entropy(self.train_model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -511,6 +511,18 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng[1])
         return out
 
+    def measure_costs(self, repeats: int = 5, warmup: int = 1) -> tuple[float, float]:
+        """``(F, T)``: seconds per example of a scoring forward (at the loader batch size) and of a training step
+        (forward, backward, SGD step at ``batch_size``), done as the run does them (compiled, autocast, channels
+        last); means of ``repeats`` trials after ``warmup`` ones. The trial steps are undone afterwards."""
+        c = self.config
+        b = min(c.batch_size, len(self.train_set))
+        score_b = min(c.score_batch_size or c.batch_size, len(self.train_set))
+        trials = self._trials(sorted({b, score_b}), repeats=warmup + repeats)
+        fwd = [f / m for m, f, _ in trials if m == score_b][warmup:]
+        step = [t / m for m, _, t in trials if m == b][warmup:]
+        return sum(fwd) / len(fwd), sum(step) / len(step)
+
     def _compile(self) -> float:
         """Compile both forwards and the backward before training; return the seconds it took.
 
@@ -526,17 +538,12 @@ class Trainer:
 
         An SB epoch costs N (F + s T) against Traditional's N T (StaleSB: N (F/n + s T)), and the percentile rule
         selects s = 1 / (beta + 1) of the examples, so s = target_time - F / (n T) and beta = 1/s - 1. F and T
-        are measured here (means of 5 trials after a warm-up, at the scoring and training batch sizes)."""
+        are measured here (:meth:`measure_costs`)."""
         c = self.config
-        b = min(c.batch_size, len(self.train_set))
-        score_b = min(c.score_batch_size or c.batch_size, len(self.train_set))
-        trials = self._trials(sorted({b, score_b}), repeats=6)
-        fwd = [f / m for m, f, _ in trials if m == score_b][1:]
-        step = [t / m for m, _, t in trials if m == b][1:]
-        costs = torch.tensor([sum(fwd) / len(fwd), sum(step) / len(step)], dtype=torch.float64)
+        f, t = self.measure_costs()
         if self.comm is not None:  # one beta for all ranks: the mean of their measurements
-            costs = self.comm.all_reduce_sum(costs, "all_reduce(SUM) of the measured costs") / self.world_size
-        f, t = costs.tolist()
+            costs = torch.tensor([f, t], dtype=torch.float64)
+            f, t = (self.comm.all_reduce_sum(costs, "all_reduce(SUM) of the measured costs") / self.world_size).tolist()
         n = c.staleness if c.strategy == "stale-sb" else 1
         fraction = c.target_time - f / (n * t)  # type: ignore[operator]
         if fraction <= 0:
@@ -764,7 +771,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         try:
-            with self._autocast():
+            with self.autocast():
                 outputs = self.train_model(batch.inputs)
                 loss = batch.loss(outputs)  # raises ValueError on a NaN/inf loss, before anything is recorded
         except ValueError as e:
@@ -838,7 +845,7 @@ class Trainer:
             inputs, targets, indices = item
             inputs = inputs.contiguous(memory_format=self.memory_format)
             try:
-                with self._autocast():
+                with self.autocast():
                     batches = self.selector.select(inputs, targets, indices)
             except ValueError as e:  # a NaN/inf scoring loss (nonfinite="raise"), or a genuine bad input
                 bad = self._nonfinite(None, targets, indices, inputs)
