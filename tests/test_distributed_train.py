@@ -115,3 +115,15 @@ def test_what_cannot_run_under_torchrun_is_refused_before_joining(strategy, nonf
     with pytest.raises(ValueError, match="cannot run under torchrun"):
         Trainer(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_peer_exits_4_naming_the_collective(monkeypatch, capsys, tmp_path):
+    from selective_backprop import cli
+    from selective_backprop.distributed import CollectiveError
+
+    def peer_died(*args, **kwargs):
+        raise CollectiveError("all_gather of the batch losses failed on rank 0 of 2: another rank probably died")
+
+    monkeypatch.setattr(cli, "_run", peer_died)
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--quiet"]) == 4
+    assert "all_gather of the batch losses failed on rank 0 of 2" in capsys.readouterr().err
