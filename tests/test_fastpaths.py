@@ -43,6 +43,7 @@ def test_bf16_autocast_covers_the_scoring_and_the_training_forward(tiny_fmnist, 
 def test_fp16_on_cpu_is_refused_with_the_alternative(tiny_fmnist, tmp_path):
     with pytest.raises(ValueError, match="amp fp16 needs CUDA .* use --amp bf16"):
         Trainer(config(tiny_fmnist, amp="fp16"), tmp_path / "fp16", progress=False)
+    assert not (tmp_path / "fp16").exists()  # refused before anything was written
 
 
 def test_compiled_run_equals_the_eager_one_and_reports_compile_time_apart(tiny_fmnist, tmp_path):

@@ -14,6 +14,12 @@ For each loader batch the selector runs a scoring forward (``model.eval()``, no 
 the losses into probabilities with its policy, flips one seeded coin per example and queues the selected ones.
 Whenever ``batch_size`` selected examples are queued it hands back one :class:`Batch`, which the caller
 forwards in train mode and backpropagates. Everything the caller gets back is backpropagated exactly once.
+
+Host-device synchronisation (what a CUDA caller pays): ``select()`` syncs once per loader batch -- the number of
+selected examples, which the queue needs to cut full batches -- and ``Batch.loss`` once per training step, to check
+that the losses are finite before anything steps on them (``Kath18`` adds one per presample for ``tau``). The
+scoring forward runs under ``torch.inference_mode``; losses, coins and the queue stay on the device; counters are
+Python numbers taken from tensor shapes, so reading them never syncs.
 """
 
 from __future__ import annotations

@@ -393,6 +393,8 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
+        if config.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError("amp fp16 needs CUDA (it trains with a gradient scaler); on CPU use --amp bf16 or off")
         self.comm: Collectives | None = None  # set when started by torchrun (WORLD_SIZE > 1)
         self.rank, self.world_size = 0, 1
         if launched_distributed():
@@ -416,8 +418,6 @@ class Trainer:
             self.train_model = (
                 self.scoring_model if self.comm is None else torch.compile(self.train_model, backend=config.compile)
             )  # type: ignore[assignment]
-        if config.amp == "fp16" and self.device.type != "cuda":
-            raise ValueError("amp fp16 needs CUDA (it trains with a gradient scaler); on CPU use --amp bf16 or off")
         self.autocast_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.optimizer = torch.optim.SGD(
