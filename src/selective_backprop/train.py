@@ -552,8 +552,8 @@ class Trainer:
                 f"a Traditional epoch here (F/T = {f / t:.2f}{'' if n == 1 else f', n = {n}'}); raise target_time, "
                 "use stale-sb or a larger --staleness"
             )
-        beta = 1 / min(1.0, fraction) - 1
         selected = min(1.0, fraction)
+        beta = 1 / selected - 1
         self.calibration = {"scoring_forward_s_per_example": f, "train_step_s_per_example": t,
                             "target_time": c.target_time, "selected_fraction": selected, "beta": beta}  # fmt: skip
         if self.rank == 0:
@@ -981,8 +981,9 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
+        per_epoch = getattr(self.loader, "shard_length", len(self.train_set))  # this rank's examples per epoch
         return tqdm(
-            total=len(self.train_set), initial=min(len(self.train_set), self.batches_done * self.loader.batch_size),
+            total=per_epoch, initial=min(per_epoch, self.batches_done * self.loader.batch_size),
             desc=f"{self.config.strategy} epoch {self.epoch + 1}/{self.config.epochs}", unit="ex", leave=False,
         )  # fmt: skip
 
