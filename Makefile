@@ -26,7 +26,8 @@ data:
 	else echo "Fashion-MNIST not found: run 'sudo apt-get install dataset-fashion-mnist' or pass --download"; fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/mypy
 
 test: $(STAMP) data lint
 	$(BIN)/python -m pytest

@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from selective_backprop import data as sbdata
-from selective_backprop.analysis import read_metrics
-from selective_backprop.train import TrainConfig, Trainer
+from selective_backprop.experiments import data as sbdata
+from selective_backprop.experiments.analysis import read_metrics
+from selective_backprop.experiments.config import TrainConfig
+from selective_backprop.experiments.trainer import Trainer
 
 
 def sync(device: torch.device) -> None:

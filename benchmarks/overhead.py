@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from selective_backprop import SelectiveBackprop
-from selective_backprop.models import build_model
+from selective_backprop.experiments.models import build_model
 
 
 def sync(device: torch.device) -> None:

@@ -42,9 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selective_backprop.analysis import Estimate, crossing, estimate, paired_speedups, read_metrics
-from selective_backprop.strategies import STRATEGIES as TRAIN_STRATEGIES
-from selective_backprop.train import Interrupted, TrainConfig, Trainer, environment, resolve_device, write_atomic
+from selective_backprop.experiments.analysis import Estimate, crossing, estimate, paired_speedups, read_metrics
+from selective_backprop.experiments.config import TrainConfig
+from selective_backprop.experiments.errors import Interrupted
+from selective_backprop.experiments.runfolder import environment, write_atomic
+from selective_backprop.experiments.setup import resolve_device
+from selective_backprop.experiments.strategies import STRATEGIES as TRAIN_STRATEGIES
+from selective_backprop.experiments.trainer import Trainer
 
 FACTORS = (1.2, 1.4)  # targets: these multiples of Traditional's final error (mean over its seeds)
 CHECK_FACTOR = 1.4  # the target at which the best SB beta is chosen

@@ -1,10 +1,17 @@
 """Selective-Backprop: backpropagate only the examples the model gets most wrong.
 
 Jiang et al. 2019, "Accelerating Deep Learning by Focusing on the Biggest Losers" (https://arxiv.org/abs/1910.00762).
+
+This package is the library: it needs only torch and numpy, and ``__all__`` below is its stable API. The
+experiment harness (data, models, trainer, report, command line) lives in :mod:`selective_backprop.experiments`,
+which needs the ``[experiments]`` extra and makes no stability promise.
 """
 
+from . import defaults
+from .base import COUNTER_NAMES, Batch, Selector, per_example_cross_entropy
+from .composer_sb import ComposerSB
+from .infobatch import InfoBatch
 from .kath18 import Kath18
-from .peers import ComposerSB, InfoBatch
 from .policies import (
     ClampPolicy,
     PercentilePolicy,
@@ -14,7 +21,8 @@ from .policies import (
     UniformPolicy,
     percentile_probabilities,
 )
-from .selector import COUNTER_NAMES, BackpropQueue, Batch, LossCache, SelectiveBackprop
+from .queue import BackpropQueue, LossCache
+from .selector import SelectiveBackprop
 
 __version__ = "0.1.0"
 
@@ -23,6 +31,7 @@ __all__ = [
     "Kath18",
     "InfoBatch",
     "ComposerSB",
+    "Selector",
     "Batch",
     "BackpropQueue",
     "LossCache",
@@ -33,5 +42,7 @@ __all__ = [
     "UniformPolicy",
     "Traditional",
     "percentile_probabilities",
+    "per_example_cross_entropy",
     "COUNTER_NAMES",
+    "defaults",
 ]

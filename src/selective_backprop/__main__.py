@@ -1,5 +1,5 @@
-import sys
+"""``python -m selective_backprop``: the lab's command line (:mod:`selective_backprop.experiments.cli`)."""
 
-from .cli import main
+from .experiments.cli import run
 
-sys.exit(main())
+run()

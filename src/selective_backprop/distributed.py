@@ -3,7 +3,8 @@
 Drop-in use, one process per rank (e.g. ``torchrun --nproc-per-node 2 train.py``)::
 
     rank, world = init_distributed(timeout_s=60)                            # + this line
-    loader = ShardedLoader(train_set, batch_size=64, rank=rank, world_size=world, seed=0)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, seed=0)  # pads: equal batch counts
+    loader = DataLoader(train_set, batch_size=64, sampler=sampler)          # yields (inputs, targets, indices)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     sb = SelectiveBackprop(ddp, batch_size=64, beta=3, distributed=True)    # + distributed=True
     for epoch in range(epochs):
@@ -12,6 +13,7 @@ Drop-in use, one process per rank (e.g. ``torchrun --nproc-per-node 2 train.py``
             optimizer.zero_grad()
             loss.backward()                                                 # DDP averages the gradients
             optimizer.step()
+        sampler.set_epoch(epoch + 1)
 
 What is global, what is per rank:
 
@@ -21,9 +23,11 @@ What is global, what is per rank:
   ranks' batches in rank order. Primed (train-mode) losses are gathered the same way before they are recorded.
   Each rank then keeps its own slice of the probabilities and flips its coins with its own generator, seeded
   ``seed + rank`` (the ranks' coins are independent).
-* **StaleSB's cache is per rank.** With static sharding (:class:`ShardedLoader`) a rank only ever sees its own
-  dataset indices, so the cache needs no synchronisation; its cached (stale) losses still enter the gathered
-  history, exactly as they would in one process.
+* **StaleSB's cache is per rank.** With static sharding (each rank always owns the same examples, as the lab's
+  ``ShardedLoader`` or a per-rank ``Subset`` does) a rank only ever sees its own dataset indices, so the cache
+  needs no synchronisation; its cached (stale) losses still enter the gathered history, exactly as they would in
+  one process. ``DistributedSampler`` reshuffles examples across ranks every epoch: StaleSB then still works,
+  but a rank re-scores every example it has not seen before, so fewer forwards are skipped.
 * **Lockstep.** Ranks select different numbers of examples, but DDP needs the same number of backward passes on
   every rank. After each loader batch the ranks agree (``all_reduce(MIN)``) on how many full batches they all
   have ready and each yields exactly that many; the rest stay queued, in order. A rank that selects little
@@ -39,7 +43,8 @@ What is global, what is per rank:
   batches are full. A flush step with padding batches averages in zero gradients (the real ranks' gradients are
   scaled by ``real ranks / world_size``), as DDP does for any uneven batch.
 * **Every rank must call** ``select()`` (or iterate a loader) **the same number of times** with non-empty
-  batches: :class:`ShardedLoader` yields the same number of batches on every rank. Pass the DDP-wrapped model
+  batches: ``DistributedSampler`` (which pads the shards to equal length) or the lab's ``ShardedLoader`` yield
+  the same number of batches on every rank. Pass the DDP-wrapped model
   or the bare module; the selector's scoring forward always uses the bare module, so it runs no collective.
 * **Cost.** Per loader batch: two all_gathers (sizes, then the float64 losses; one host sync) and one
   all_reduce of an int; one more all_gather pair per primed batch. Policies must be of the same kind on all ranks.
@@ -55,8 +60,8 @@ unbiased estimate of its presample's mean, so DDP's average is one of the union'
 estimate ``tau``, and so the switch to importance sampling, is computed from the scores gathered over all ranks
 (normalized over the union), so every rank switches at the same step.
 
-The trainer (``torchrun --nproc-per-node N -m selective_backprop train ...``) does all of this for a config; see
-:class:`selective_backprop.train.Trainer`.
+The lab's trainer (``torchrun --nproc-per-node N -m selective_backprop train ...``) does all of this for a config;
+see :class:`selective_backprop.experiments.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -71,9 +76,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .data import ArrayDataset, Augment, DeviceLoader
-
-__all__ = ["CollectiveError", "Collectives", "ShardedLoader", "init_distributed", "unwrap_model"]
+__all__ = ["CollectiveError", "Collectives", "init_distributed", "unwrap_model"]
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -169,7 +172,7 @@ class Collectives:
                 f"{what} failed on rank {self.rank} of {self.world_size}: another rank probably died or stalled "
                 "past the collective timeout (look for the first error in the other ranks' logs), or the ranks "
                 "ran different numbers of steps (every rank must offer the same number of non-empty batches; "
-                f"ShardedLoader guarantees it). Underlying error: {err}"
+                f"a DistributedSampler guarantees it). Underlying error: {err}"
             ) from err
 
     def all_gather(self, values: Tensor, what: str = "all_gather of the batch losses") -> tuple[Tensor, int]:
@@ -220,97 +223,3 @@ class Collectives:
         """Wait until every rank gets here."""
         with self._guard(what):
             dist.barrier(group=self.group)
-
-
-class ShardedLoader(DeviceLoader):
-    """A :class:`~selective_backprop.data.DeviceLoader` over this rank's static shard of the dataset.
-
-    Rank ``r`` of ``world_size`` owns the dataset indices ``i`` with ``i % world_size == r``, every epoch (so the
-    StaleSB cache of each rank sees only its own indices). Each epoch the shard is reshuffled by the loader's own
-    generator, seeded ``seed * world_size + rank`` (distinct per rank; with one rank it is exactly
-    ``DeviceLoader(seed=seed)``). Augmentation draws from the same generator.
-
-    Every rank yields the same number of batches, as lock-stepped selection needs: with ``pad=True`` (default) a
-    shard one example short repeats the first example of its epoch order at the end (every shard has
-    ``ceil(N / world_size)`` examples; the repeat is a second visit that epoch); with ``pad=False`` the longer
-    shards drop their epoch's last example instead (``floor(N / world_size)``; a different one each epoch).
-
-    Args:
-        dataset: the whole training split, on the training device.
-        batch_size: examples per batch on this rank.
-        rank, world_size: this process's place; default: the initialized process group's, else ``0`` and ``1``.
-        seed: base seed (the same on every rank). Default: ``0``.
-        augment: training augmentation; ``None`` only normalizes. Default: ``None``.
-        shuffle: reshuffle the shard each epoch. Default: ``True``.
-        drop_last: skip the last batch when it is smaller than ``batch_size``. Default: ``False``.
-        pad: see above. Default: ``True``.
-
-    Yields:
-        ``(inputs, targets, indices)`` as :class:`~selective_backprop.data.DeviceLoader`, with *global* dataset
-        indices.
-
-    Raises:
-        ValueError: on ``rank`` outside ``[0, world_size)`` or fewer examples than ranks.
-
-    Example:
-        >>> ds = ArrayDataset(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), torch.zeros(5, dtype=torch.long),
-        ...                   num_classes=2, mean=(0.0,), std=(0.5,), name="toy")
-        >>> [torch.cat([i for _, _, i in ShardedLoader(ds, 2, rank=r, world_size=2, shuffle=False)]).tolist()
-        ...  for r in (0, 1)]   # rank 1 repeats one of its own examples
-        [[0, 2, 4], [1, 3, 1]]
-    """
-
-    def __init__(
-        self,
-        dataset: ArrayDataset,
-        batch_size: int,
-        rank: int | None = None,
-        world_size: int | None = None,
-        *,
-        seed: int = 0,
-        augment: Augment | None = None,
-        shuffle: bool = True,
-        drop_last: bool = False,
-        pad: bool = True,
-    ) -> None:
-        grouped = dist.is_available() and dist.is_initialized()
-        world_size = world_size if world_size is not None else (dist.get_world_size() if grouped else 1)
-        rank = rank if rank is not None else (dist.get_rank() if grouped else 0)
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if len(dataset) < world_size:
-            raise ValueError(f"{len(dataset)} examples cannot be sharded over {world_size} ranks; use fewer ranks")
-        super().__init__(dataset, batch_size, shuffle=shuffle, augment=augment, seed=seed, drop_last=drop_last)
-        self.rank, self.world_size, self.pad = rank, world_size, pad
-        self.generator.manual_seed(seed * world_size + rank)
-        self.shard = torch.arange(rank, len(dataset), world_size, device=dataset.device)
-
-    @property
-    def shard_length(self) -> int:
-        """Examples per epoch on every rank (after padding or dropping)."""
-        n, w = len(self.dataset), self.world_size
-        return -(-n // w) if self.pad else n // w
-
-    def __len__(self) -> int:
-        n = self.shard_length
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def _epoch_order(self) -> Tensor:
-        shard = self.shard
-        if self.shuffle:
-            shard = shard[torch.randperm(len(shard), generator=self.generator, device=shard.device)]
-        repeat = shard[: max(0, self.shard_length - len(shard))]  # pad=True: at most one example
-        return torch.cat([shard, repeat])[: self.shard_length]
-
-    def state_dict(self) -> dict[str, Any]:
-        """As :meth:`DeviceLoader.state_dict`, plus the rank, world size and ``pad``."""
-        return {**super().state_dict(), "rank": self.rank, "world_size": self.world_size, "pad": self.pad}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved on the same rank of a job with the same world size."""
-        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
-            raise ValueError(
-                f"loader state is from rank {state['rank']} of {state['world_size']}, but this loader is rank "
-                f"{self.rank} of {self.world_size}; resume with the same world size, each rank with its own state"
-            )
-        super().load_state_dict(state)

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .selector import BackpropQueue, Batch, LossFn, _SelectorBase
+from . import defaults
+from .base import Batch, LossFn, Selector
+from .queue import BackpropQueue
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -37,14 +39,21 @@ def upper_bound_scores(outputs: Tensor, targets: Tensor) -> Tensor:
         [0.7071067690849304]
     """
     probs = torch.softmax(outputs.float(), dim=1)
-    return (probs - F.one_hot(targets, probs.shape[1]).to(probs.dtype)).norm(dim=1)
+    scores: Tensor = (probs - F.one_hot(targets, probs.shape[1]).to(probs.dtype)).norm(dim=1)
+    return scores
 
 
-def _normalize(scores: Tensor) -> Tensor:
-    """Scores -> sampling distribution; all-zero scores give the uniform distribution (no host sync)."""
-    scores = scores.to(torch.float64).clamp_min(0)
+def _normalize(scores: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Scores -> sampling distribution; all-zero scores give the uniform distribution (no host sync).
+
+    Rows where ``valid`` is ``False`` (non-finite scores under ``nonfinite='skip'``) get probability 0."""
+    scores = scores.to(torch.float64)
+    if valid is not None:
+        scores = torch.where(valid, scores, torch.zeros_like(scores))
+    scores = scores.clamp_min(0)
     total = scores.sum()
-    uniform = torch.full_like(scores, 1.0 / len(scores))
+    uniform = torch.ones_like(scores) if valid is None else valid.to(scores.dtype)
+    uniform = uniform / uniform.sum().clamp_min(1)
     return torch.where(total > 0, scores / total.clamp_min(torch.finfo(scores.dtype).tiny), uniform)
 
 
@@ -65,7 +74,7 @@ def importance_weights(g: Tensor, drawn: Tensor) -> Tensor:
     return 1.0 / (len(g) * g[drawn])
 
 
-class Kath18(_SelectorBase):
+class Kath18(Selector):
     """Importance sampling with a presample, as a drop-in selector (same interface as ``SelectiveBackprop``).
 
     Args:
@@ -77,7 +86,8 @@ class Kath18(_SelectorBase):
         loss_fn: per-example loss. Default: cross-entropy.
         tau_ema: EMA factor for ``tau``. Default: ``0.9``.
         tau_th: switch-on threshold; default ``(B + 3b) / (3b)``.
-        score_mode, flush, seed: as in :class:`~selective_backprop.selector.SelectiveBackprop`.
+        score_mode, nonfinite, flush, seed: see :class:`~selective_backprop.Selector`; with
+            ``nonfinite='skip'`` a presample example with a NaN/inf score is never drawn.
         distributed: ``True`` (default group) or a process group: ``tau`` from the scores of every rank, so the
             ranks switch to importance sampling together (see :mod:`selective_backprop.distributed`).
             Default: ``False``.
@@ -89,19 +99,23 @@ class Kath18(_SelectorBase):
     def __init__(
         self,
         model: nn.Module,
-        batch_size: int = 128,
-        presample: int = 3,
+        batch_size: int = defaults.BATCH_SIZE,
+        presample: int = defaults.KATH18_PRESAMPLE,
         *,
         score: Literal["upper-bound", "loss"] = "upper-bound",
         loss_fn: LossFn | None = None,
-        tau_ema: float = 0.9,
+        tau_ema: float = defaults.KATH18_TAU_EMA,
         tau_th: float | None = None,
         score_mode: Literal["eval", "train"] = "eval",
+        nonfinite: Literal["raise", "skip"] = "raise",
         flush: Literal["epoch", "never"] = "epoch",
         seed: int = 0,
         distributed: bool | ProcessGroup = False,
     ) -> None:
-        super().__init__(model, batch_size, loss_fn, seed, score_mode, flush, distributed)
+        super().__init__(
+            model, batch_size, loss_fn=loss_fn, score_mode=score_mode, nonfinite=nonfinite, flush=flush, seed=seed,
+            distributed=distributed,
+        )  # fmt: skip
         if isinstance(presample, bool) or not isinstance(presample, int) or presample < 1:
             raise ValueError(f"presample (k, with B = k * batch_size) must be an int >= 1, got {presample!r}")
         if score not in ("upper-bound", "loss"):
@@ -126,31 +140,32 @@ class Kath18(_SelectorBase):
 
     def _update_tau(self, scores: Tensor) -> None:
         """EMA of the variance reduction of ``scores``; distributed, of every rank's scores together."""
-        g = _normalize(self._gathered(scores)[0])
+        g = _normalize(self.gather(scores)[0])
         self.tau = self.tau_ema * self.tau + (1 - self.tau_ema) * float(variance_reduction(g))  # host sync
 
-    def _select(self, inputs: Tensor, targets: Tensor, indices: Tensor | None) -> list[Batch]:
+    def choose(self, inputs: Tensor, targets: Tensor, indices: Tensor | None) -> list[Batch]:
         if not self.importance_sampling:
-            self._counters["selected"] += len(inputs)
             leftover = self.pool.flush()  # a presample cut short when tau fell back: train it uniformly
             ready = [] if leftover is None else self.queue.push(*leftover)  # same size on every rank
-            ready += self._push(inputs, targets, indices)
-            batches = [self._batch(f) for f in ready]
-        else:
-            batches = []
-            for px, py, pidx in self.pool.push(inputs, targets, indices):
-                outputs, losses = self._score(px, py)
-                scores = self._scores(outputs, py, losses)
-                g = _normalize(scores)
-                self._update_tau(scores)
-                drawn = torch.multinomial(g, self.batch_size, replacement=True, generator=self._rng(g.device))
-                weights = importance_weights(g, drawn).to(torch.float32)
-                self._counters["selection_forwards"] += len(px)
-                self._counters["selected"] += len(drawn)
-                batches.append(self._batch((px[drawn], py[drawn], None if pidx is None else pidx[drawn], weights)))
+            ready += self.enqueue(inputs, targets, indices)
+            self.count(selected=len(inputs) + (0 if leftover is None else len(leftover[0])))  # type: ignore[arg-type]
+            return [self.make_batch(f) for f in ready]
+        batches = []
+        for px, py, pidx in self.pool.push(inputs, targets, indices):
+            assert px is not None and py is not None  # the pool holds the offered inputs and targets
+            outputs, losses = self.scoring_forward(px, py)
+            scores = self._scores(outputs, py, losses)
+            finite = self.finite_rows(scores)  # nonfinite="skip": never drawn, no weight in tau
+            scores = torch.where(finite, scores, torch.zeros_like(scores))
+            g = _normalize(scores, finite)
+            self._update_tau(scores)
+            drawn = torch.multinomial(g, self.batch_size, replacement=True, generator=self.generator(g.device))
+            weights = importance_weights(g, drawn).to(torch.float32)
+            self.count(selection_forwards=len(px), selected=len(drawn))
+            batches.append(self.make_batch((px[drawn], py[drawn], None if pidx is None else pidx[drawn], weights)))
         return batches
 
-    def _observe(self, batch: Batch, outputs: Tensor, losses: Tensor) -> None:
+    def observe(self, batch: Batch, outputs: Tensor, losses: Tensor) -> None:
         if batch.weights is None:  # uniform phase: tau follows the training batch's scores
             self._update_tau(self._scores(outputs, batch.targets, losses))
 

@@ -21,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from . import defaults
+
 __all__ = [
     "Policy",
     "PercentilePolicy",
@@ -35,15 +37,32 @@ __all__ = [
 
 @runtime_checkable
 class Policy(Protocol):
-    """What the selector needs from a policy."""
+    """Everything :class:`~selective_backprop.SelectiveBackprop` uses of a policy.
+
+    Attributes:
+        needs_loss: whether ``__call__`` looks at the losses; when ``False`` no scoring forward is run and the
+            policy is called with zeros.
+        selects_all: whether every example is taken (Traditional): then no coins are drawn at all.
+    """
 
     needs_loss: bool
+    selects_all: bool
 
-    def __call__(self, losses: Tensor) -> Tensor: ...
+    def __call__(self, losses: Tensor) -> Tensor:
+        """Probabilities (float64, shape ``(N,)``) of backpropagating each of the ``(N,)`` losses."""
+        ...
+
+    def record(self, losses: Tensor) -> None:
+        """Take losses into account without scoring them (primed train-mode losses); may do nothing."""
+        ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+POLICY_MEMBERS = ("needs_loss", "selects_all", "__call__", "record", "state_dict", "load_state_dict")
+"""What :class:`Policy` declares (a policy missing one is refused when the selector is built)."""
 
 
 def check_losses(losses: Tensor, what: str = "losses") -> None:
@@ -115,6 +134,10 @@ class _Stateless:
     """Shared ``state_dict`` plumbing (``torch.optim`` convention: a plain dict of attributes)."""
 
     needs_loss = True
+    selects_all = False
+
+    def record(self, losses: Tensor) -> None:
+        """Nothing to record: this policy keeps no history."""
 
     def state_dict(self) -> dict[str, Any]:
         # Tensors are cloned: the live buffers are updated in place after the state is taken.
@@ -159,7 +182,9 @@ class PercentilePolicy(_Stateless):
         [0.25, 0.25, 0.75]
     """
 
-    def __init__(self, beta: float = 3.0, history_size: int = 1024, floor: float = 0.0) -> None:
+    def __init__(
+        self, beta: float = defaults.BETA, history_size: int = defaults.HISTORY_SIZE, floor: float = 0.0
+    ) -> None:
         self.beta = _check_beta(beta)
         if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1:
             raise ValueError(f"history_size must be an int >= 1, got {history_size!r}; the authors used 1024")

@@ -1,0 +1,104 @@
+"""The trainer's speed options: autocast (AMP), torch.compile, scoring at a larger batch, and the selectivity knobs
+(a requested fraction, or a requested epoch time from measured costs). Each must leave the algorithm as it was."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from selective_backprop.experiments.config import TrainConfig
+from selective_backprop.experiments.runfolder import read_checkpoint
+from selective_backprop.experiments.trainer import Trainer
+
+QUICK = dict(epochs=2, batch_size=32, test_limit=128, threads=1)
+
+
+def config(data, **kw) -> TrainConfig:
+    return TrainConfig(data_dir=str(data), **{**QUICK, **kw})
+
+
+def spy_forwards(model: torch.nn.Module) -> list[tuple[bool, bool, int, torch.dtype]]:
+    """Record (training mode, autocast on, batch size, output dtype) of every forward of ``model``."""
+    calls: list[tuple[bool, bool, int, torch.dtype]] = []
+
+    def hook(module, inputs, output):
+        calls.append((module.training, torch.is_autocast_enabled("cpu"), len(inputs[0]), output.dtype))
+
+    model.register_forward_hook(hook)
+    return calls
+
+
+def test_bf16_autocast_covers_the_scoring_and_the_training_forward(tiny_fmnist, tmp_path):
+    trainer = Trainer(config(tiny_fmnist, amp="bf16", strategy="sb"), tmp_path / "bf16", progress=False)
+    calls = spy_forwards(trainer.model)
+    summary = trainer.run()
+    training = [c for c in calls if c[0]]
+    scoring = [c for c in calls if not c[0] and c[2] == 32]  # evaluation forwards use batches of 256 or fewer
+    assert training and scoring
+    assert all(on and dtype == torch.bfloat16 for _, on, _, dtype in training + scoring)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert summary["final_test_error"] < 0.5  # it learned (random guessing is 0.9)
+
+
+def test_fp16_on_cpu_is_refused_with_the_alternative(tiny_fmnist, tmp_path):
+    with pytest.raises(ValueError, match="amp fp16 needs CUDA .* use --amp bf16"):
+        Trainer(config(tiny_fmnist, amp="fp16"), tmp_path / "fp16", progress=False)
+    assert not (tmp_path / "fp16").exists()  # refused before anything was written
+
+
+def test_compiled_run_equals_the_eager_one_and_reports_compile_time_apart(tiny_fmnist, tmp_path):
+    plain = Trainer(config(tiny_fmnist, strategy="stale-sb", staleness=2), tmp_path / "plain", progress=False).run()
+    compiled_cfg = config(tiny_fmnist, strategy="stale-sb", staleness=2, compile="eager")  # dynamo, no C++ build
+    compiled = Trainer(compiled_cfg, tmp_path / "compiled", progress=False).run()
+    assert compiled["compile_s"] > 0 and plain["compile_s"] == 0
+    assert json.loads((tmp_path / "compiled" / "environment.json").read_text())["compile_s"] == compiled["compile_s"]
+    a = read_checkpoint(tmp_path / "plain" / "checkpoint.pt")["model"]
+    b = read_checkpoint(tmp_path / "compiled" / "checkpoint.pt")["model"]
+    assert a.keys() == b.keys()  # the bare module's names, no "_orig_mod." prefix
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    assert compiled["backprops"] == plain["backprops"]  # the same selections
+    assert compiled["final_test_error"] == pytest.approx(plain["final_test_error"], abs=1 / 128)
+
+
+def test_a_larger_scoring_batch_keeps_training_batches_at_batch_size(tiny_fmnist, tmp_path):
+    trainer = Trainer(config(tiny_fmnist, strategy="sb", score_batch_size=128), tmp_path / "big", progress=False)
+    calls = spy_forwards(trainer.model)
+    summary = trainer.run()
+    scoring = [size for training, _, size, _ in calls if not training and size != 256]
+    steps = [size for training, _, size, _ in calls if training]
+    assert scoring and set(scoring) == {128}  # epoch 2: four loader batches of 128, each one scoring forward
+    assert steps[: 512 // 32] == [32] * 16  # the primed epoch, in training batches of 32
+    assert max(steps) == 32 and sum(steps) == summary["backprops"]
+    assert sum(s == 32 for s in steps) >= len(steps) - 1  # at most one smaller batch: the epoch's flush
+
+
+def test_selectivity_sets_each_strategys_knob():
+    assert TrainConfig(strategy="sb", selectivity=0.2).beta == pytest.approx(4.0)
+    assert TrainConfig(strategy="random", selectivity=0.2).rate == 0.2
+    assert TrainConfig(strategy="kath18", selectivity=0.2).presample == 5
+    with pytest.raises(ValueError, match="cannot be tuned to a selectivity"):
+        TrainConfig(strategy="threshold", selectivity=0.2)
+
+
+def test_target_time_picks_beta_from_the_measured_costs_and_leaves_the_run_untouched(tiny_fmnist, tmp_path):
+    auto = Trainer(config(tiny_fmnist, strategy="sb", target_time=0.7), tmp_path / "auto", progress=False)
+    cal = json.loads((tmp_path / "auto" / "environment.json").read_text())
+    f, t = cal["scoring_forward_s_per_example"], cal["train_step_s_per_example"]
+    assert 0 < f < t  # a no-grad forward is cheaper than forward + backward + step
+    assert cal["beta"] == pytest.approx(1 / min(1.0, 0.7 - f / t) - 1) and auto.selector.policy.beta == cal["beta"]
+    auto.run()
+    # The trial steps that measured F and T were undone: the run equals one given that beta directly.
+    fixed = config(tiny_fmnist, strategy="sb", beta=cal["beta"])
+    Trainer(fixed, tmp_path / "fixed", progress=False).run()
+    a = read_checkpoint(tmp_path / "auto" / "checkpoint.pt")["model"]
+    b = read_checkpoint(tmp_path / "fixed" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_unreachable_target_time_says_why(tiny_fmnist, tmp_path):
+    with pytest.raises(ValueError, match=r"target_time 0.01 is not reachable: the scoring forwards alone cost"):
+        Trainer(config(tiny_fmnist, strategy="sb", target_time=0.01), tmp_path / "t", progress=False)
+    with pytest.raises(ValueError, match="target_time needs sb or stale-sb"):
+        TrainConfig(strategy="kath18", target_time=0.5)
