@@ -175,6 +175,46 @@ def test_lr_schedules():
     assert lr_at(TrainConfig(lr=0.3, lr_schedule="constant"), 0.9) == 0.3
 
 
+def test_the_default_schedule_is_a_step_at_half_and_three_quarters_of_the_budget():
+    c = TrainConfig()
+    points = (0.0, 0.4999, 0.5, 0.7499, 0.75, 1.0)
+    assert [lr_at(c, p) for p in points] == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005, 0.0005], rel=1e-12)
+
+
+@pytest.mark.parametrize("unit", ["examples", "backprops"])
+def test_every_step_and_row_uses_the_learning_rate_of_the_budget_done(tiny_fmnist, tmp_path, unit):
+    """The LR at known points of a real run: at each optimizer step and in each metrics row, the schedule's value
+    at (examples seen or backpropagated so far) / (epochs x training examples)."""
+    config = TrainConfig(strategy="sb", epochs=4, batch_size=64, lr=0.04, lr_gamma=0.5, lr_milestones=(0.5, 0.75),
+                         lr_unit=unit, data_dir=str(tiny_fmnist), threads=1)  # fmt: skip
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    done_before, used = [], []
+    counter = "seen" if unit == "examples" else "backpropagated"
+    train_step, step = trainer._train_step, trainer.optimizer.step
+
+    def spy_train_step(batch):  # the budget done when this step starts
+        done_before.append(trainer.selector.counters[counter])
+        return train_step(batch)
+
+    def spy_step(*args, **kwargs):  # the LR the optimizer steps with
+        used.append((trainer.optimizer.param_groups[0]["lr"], done_before[-1]))
+        return step(*args, **kwargs)
+
+    trainer._train_step, trainer.optimizer.step = spy_train_step, spy_step
+    trainer.run()
+    budget = 4 * 512
+    assert len(used) == trainer.selector.counters["steps"] > 0
+    assert all(lr == lr_at(config, done / budget) for lr, done in used)
+    # counted in examples the run crosses both milestones; SB backprops about a third, so it never decays
+    assert sorted({lr for lr, _ in used}) == ([0.01, 0.02, 0.04] if unit == "examples" else [0.04])
+    rows = read_metrics(tmp_path / "run")
+    if unit == "examples":  # one row per epoch: progress 0, 1/4, 2/4, 3/4, 4/4
+        assert [r["lr"] for r in rows] == pytest.approx([0.04, 0.04, 0.02, 0.01, 0.01], rel=1e-12)
+    else:
+        assert [r["lr"] for r in rows] == pytest.approx([lr_at(config, r["backprops"] / budget) for r in rows])
+        assert rows[-1]["backprops"] < budget and rows[-1]["lr"] > 0.01  # SB backprops less: a later decay
+
+
 def test_lr_unit_backprops_delays_the_decay_for_sb(tiny_fmnist, tmp_path):
     def last_lr(unit):
         out = tmp_path / unit

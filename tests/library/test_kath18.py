@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -126,23 +125,6 @@ def test_uniform_until_variance_reduction_is_large_enough():
     assert c["selection_forwards"] > 0 and c["selection_forwards"] % (3 * b) == 0
 
 
-def test_state_round_trip_continues_identically():
-    b, k = 4, 3
-    x, y, idx = pool(b, k, seed=5)
-
-    def run(kath, n):
-        return [batch.indices.tolist() for _ in range(n) for batch in kath.select(x[:6], y[:6], idx[:6])]
-
-    a = Kath18(Logits(), batch_size=b, presample=k, tau_th=-1.0, seed=3)
-    run(a, 5)
-    buf = io.BytesIO()
-    torch.save(a.state_dict(), buf)
-    buf.seek(0)
-    c = Kath18(Logits(), batch_size=b, presample=k, tau_th=-1.0, seed=3)
-    c.load_state_dict(torch.load(buf, weights_only=True))
-    assert run(a, 7) == run(c, 7)
-
-
 @pytest.mark.parametrize(
     "kwargs,match",
     [({"presample": 0}, "presample"), ({"score": "grad"}, "score"), ({"tau_ema": 1.0}, "tau_ema")],
@@ -150,3 +132,34 @@ def test_state_round_trip_continues_identically():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Kath18(Logits(), **kwargs)
+
+
+def test_a_presample_cut_short_when_importance_sampling_stops_is_trained_and_counted():
+    b, k = 2, 3
+    x, y, idx = pool(b, k, seed=7)
+    model = Logits()
+    kath = Kath18(model, batch_size=b, presample=k, seed=1)
+    kath.tau = kath.tau_th + 1  # importance sampling on
+    assert kath.select(x[:4], y[:4], idx[:4]) == []  # 4 of a presample of 6: waiting
+    kath.tau = 0.0  # variance reduction fell: back to uniform batches
+    batches = kath.select(x[4:6], y[4:6], idx[4:6])
+    assert sorted(torch.cat([batch.indices for batch in batches]).tolist()) == list(range(6))
+    assert all(batch.weights is None for batch in batches)
+    for batch in batches:
+        batch.loss(model(batch.inputs))
+    c = kath.counters
+    assert c["selected"] == c["backpropagated"] == 6 and c["seen"] == 6 and len(kath.pool) == 0
+
+
+def test_tau_takes_one_ema_step_per_presample_and_none_for_its_weighted_batch():
+    b, k = 4, 3
+    x, y, idx = pool(b, k, seed=3)
+    model = Logits()
+    kath = Kath18(model, batch_size=b, presample=k, seed=0)
+    kath.tau = tau0 = kath.tau_th + 0.5
+    (batch,) = kath.select(x, y, idx)
+    g = upper_bound_scores(x, y).double()
+    expected = 0.9 * tau0 + 0.1 * float(variance_reduction(g / g.sum()))
+    assert kath.tau == pytest.approx(expected, rel=1e-12)
+    batch.loss(model(batch.inputs))  # a weighted batch: tau follows presamples, not training batches
+    assert kath.tau == pytest.approx(expected, rel=1e-12)

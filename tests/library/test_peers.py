@@ -203,40 +203,6 @@ class TestInfoBatchSelector:
         # the bound is tight enough to reject the unweighted sum, whose expectation is r * eligible.sum() lower
         assert r * float(eligible.sum()) > 2 * bound
 
-    def test_state_round_trip_continues_identically(self):
-        n = 40
-        x, y, idx = data(torch.rand(n, generator=torch.Generator().manual_seed(1)) * 3)
-
-        def epoch(sel, model, e, stop=None):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(e))
-            out = []
-            for k, s in enumerate(range(0, n, 12)):
-                if stop is not None and k == stop:
-                    return out
-                rows = order[s : s + 12]
-                out += train(model, sel.select(x[rows], y[rows], idx[rows]))
-            return out + train(model, sel.end_epoch())
-
-        def make():
-            return InfoBatch(Drifting(), batch_size=8, epochs=10, dataset_size=n, loss_fn=first_column, seed=5)
-
-        a = make()
-        for e in range(2):
-            epoch(a, a.model, e)
-        epoch(a, a.model, 2, stop=2)  # mid-epoch: threshold set, examples queued
-        assert len(a.queue) > 0 and a.threshold is not None
-        b = save_load(a, make())
-        b.model.calls = a.model.calls  # the model's own state travels in its own checkpoint
-        assert b.threshold is not None and float(b.threshold) == float(a.threshold)  # not recomputed from new scores
-
-        def rest(sel):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(2))[24:]
-            out = train(sel.model, sel.select(x[order], y[order], idx[order]) + sel.end_epoch())
-            return out + sum((epoch(sel, sel.model, e) for e in range(3, 9)), [])
-
-        assert rest(a) == rest(b)
-        assert a.counters["backpropagated"] < a.counters["seen"]  # it did prune on the way
-
     def test_needs_indices_in_range(self):
         x, y, idx = data([1.0, 2.0])
         ib = infobatch(Losses(), 2)
@@ -343,33 +309,6 @@ class TestComposerSelector:
         x, y, idx = data([1.0, 2.0, 3.0, 4.0])
         assert [len(b) for b in sb.select(x, y, idx)] == [4] and model.calls == 0
 
-    def test_state_round_trip_continues_identically(self):
-        n = 48
-        x, y, idx = data(torch.rand(n, generator=torch.Generator().manual_seed(4)))
-
-        def make():
-            return ComposerSB(Losses(), batch_size=6, keep=0.5, epochs=3, dataset_size=n, start=0.2, end=0.8,
-                              interrupt=3, loss_fn=first_column, seed=9)  # fmt: skip
-
-        def run(sel, steps):
-            out = []
-            for _ in range(steps):
-                k = sel.batch_in_epoch
-                rows = slice(8 * k, 8 * k + 8)
-                out += train(sel.model, sel.select(x[rows], y[rows], idx[rows]))
-                if sel.batch_in_epoch == n // 8:
-                    out += train(sel.model, sel.end_epoch())
-            return out
-
-        a = make()
-        run(a, 9)
-        assert len(a.queue) > 0 and a.batch_in_epoch == 3
-        b = save_load(a, make())
-        assert run(a, 9) == run(b, 9)
-        untimed = [k for k in a.counters if not k.endswith("_time_s")]
-        assert [a.counters[k] for k in untimed] == [b.counters[k] for k in untimed]
-        assert a.counters["selection_forwards"] > 0
-
     @pytest.mark.parametrize(
         "kwargs,match",
         [
@@ -390,19 +329,6 @@ def build(name, model, n, epochs, batch_size):
     if name == "infobatch":
         return InfoBatch(model, batch_size, epochs=epochs, dataset_size=n)
     return ComposerSB(model, batch_size, epochs=epochs, dataset_size=n, start=0.0)
-
-
-@pytest.mark.parametrize("name", ["infobatch", "composer-sb"])
-def test_global_rng_untouched(name):
-    x, y, idx = data(torch.arange(16.0))
-    sel = build(name, Losses(), 16, epochs=100, batch_size=4)
-    sel.loss_fn = first_column
-    for _ in range(3):
-        train(sel.model, sel.select(x, y, idx) + sel.end_epoch())
-    torch_state, np_state = torch.get_rng_state(), np.random.get_state()
-    train(sel.model, sel.select(x, y, idx) + sel.end_epoch())
-    assert torch.equal(torch.get_rng_state(), torch_state)
-    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), np_state, strict=True))
 
 
 @pytest.mark.parametrize("name", ["infobatch", "composer-sb"])

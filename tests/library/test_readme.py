@@ -37,9 +37,17 @@ def test_readme_example_trains_end_to_end():
     assert accuracy > 0.95
 
 
-def test_readme_strategy_lines_construct():
+def test_readme_strategy_lines_construct_what_they_say():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     from torch import nn
 
-    scope: dict = {"model": nn.Linear(3, 2)}
-    exec(compile(blocks[1], str(README), "exec"), scope)
+    import selective_backprop as sb
+
+    lines = [line.split("#")[0].strip() for line in blocks[1].splitlines()]
+    calls = [line for line in lines if line and not line.startswith("from ")]
+    scope: dict = {"model": nn.Linear(3, 2), **{name: getattr(sb, name) for name in sb.__all__}}
+    built = [eval(call, scope) for call in calls]  # each line of the block is one constructor call
+    assert [type(b).__name__ for b in built] == ["SelectiveBackprop"] * 4 + ["Kath18"]
+    assert [type(b.policy).__name__ for b in built[:4]] == ["Traditional", "UniformPolicy", "ThresholdPolicy",
+                                                             "ClampPolicy"]  # fmt: skip
+    assert built[1].policy.rate == 0.25 and built[2].policy.threshold == 1.0 and built[4].pool_size == 3 * 128
