@@ -43,11 +43,11 @@ WARMUP = 10  # trials before F and T are measured (allocator, caches, CPU clocks
 
 def data_epoch(trainer: Trainer) -> float:
     """D: seconds to draw one epoch of batches (shuffle, gather, augment, normalize) with no model work."""
-    loader = sbdata.DeviceLoader(trainer.train_set, trainer.config.batch_size, augment=trainer.augment, seed=11)
+    loader = sbdata.DeviceLoader(trainer.parts.train_set, trainer.config.batch_size, augment=trainer.parts.augment, seed=11)
     sync(trainer.device)
     t = time.perf_counter()
     for x, _, _ in loader:
-        x.contiguous(memory_format=trainer.memory_format)
+        x.contiguous(memory_format=trainer.parts.memory_format)
     sync(trainer.device)
     return time.perf_counter() - t
 
@@ -56,14 +56,14 @@ def bare_epochs(trainer: Trainer, epochs: int) -> list[float]:
     """Epochs of the plainest loop over the same on-device loader (same model wrapper, autocast and memory format):
     the floor Traditional is held to."""
     model, opt, device = trainer.train_model, trainer.optimizer, trainer.device
-    loader = sbdata.DeviceLoader(trainer.train_set, trainer.config.batch_size, seed=7)
+    loader = sbdata.DeviceLoader(trainer.parts.train_set, trainer.config.batch_size, seed=7)
     times = []
     for _ in range(epochs):
         sync(device)
         t = time.perf_counter()
         for x, y, _ in loader:
-            with trainer.autocast():
-                loss = F.cross_entropy(model(x.contiguous(memory_format=trainer.memory_format)), y)
+            with trainer.parts.autocast():
+                loss = F.cross_entropy(model(x.contiguous(memory_format=trainer.parts.memory_format)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

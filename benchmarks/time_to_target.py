@@ -42,7 +42,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selective_backprop.experiments.analysis import Estimate, crossing, estimate, paired_speedups, read_metrics
+from selective_backprop.experiments.analysis import (
+    TARGETS,
+    Estimate,
+    TimeToTarget,
+    estimate,
+    paired_speedups,
+    read_metrics,
+    target_errors,
+    time_to_target,
+)
 from selective_backprop.experiments.config import TrainConfig
 from selective_backprop.experiments.errors import Interrupted
 from selective_backprop.experiments.runfolder import environment, write_atomic
@@ -50,7 +59,7 @@ from selective_backprop.experiments.setup import resolve_device
 from selective_backprop.experiments.strategies import STRATEGIES as TRAIN_STRATEGIES
 from selective_backprop.experiments.trainer import Trainer
 
-FACTORS = (1.2, 1.4)  # targets: these multiples of Traditional's final error (mean over its seeds)
+FACTORS = TARGETS  # targets: these multiples of Traditional's final error (mean over its seeds): 1.1, 1.2, 1.4
 CHECK_FACTOR = 1.4  # the target at which the best SB beta is chosen
 STRATEGIES = ("traditional", "sb", "stale-sb", "kath18", "random")
 STRATEGIES_ALL = tuple(TRAIN_STRATEGIES)
@@ -157,15 +166,16 @@ def time_after_epoch(rows: list[dict[str, Any]], epoch: int) -> float | None:
 Rows = dict[str, dict[int, list[dict[str, Any]]]]  # label -> seed -> evaluation rows
 
 
-def reach_times(rows: Rows, targets: dict[float, float]) -> dict[float, dict[str, Times]]:
+def reach_times(found: dict[tuple[str, float], TimeToTarget]) -> dict[float, dict[str, Times]]:
     """factor -> label -> seed -> training seconds to the target error (interpolated; None if never reached)."""
-    return {
-        f: {lb: {s: crossing(r, t) for s, r in runs.items()} for lb, runs in rows.items()} for f, t in targets.items()
-    }
+    out: dict[float, dict[str, Times]] = {}
+    for (label, factor), t in found.items():
+        out.setdefault(factor, {})[label] = t.per_seed
+    return out
 
 
 def label_stats(
-    specs: list[Spec], rows: Rows, targets: dict[float, float], reach: dict[float, dict[str, Times]], prime: int
+    specs: list[Spec], rows: Rows, targets: dict[float, float], found: dict[tuple[str, float], TimeToTarget], prime: int
 ) -> dict[str, dict[str, Any]]:
     """Per label: final error, train time, backprop share, epoch speedups and time to each target (mean +- CI)."""
     labels = [s.label for s in specs]
@@ -192,9 +202,8 @@ def label_stats(
             "epoch_speedup_vs_traditional": vs(trad, lb, train),
             f"epoch_speedup_after_epoch_{prime}_vs_traditional": vs(trad, lb, steady),
             "targets": {
-                f: {"target_error": targets[f], "time_s": estimate(list(reach[f][lb].values())),
-                    "time_s_per_seed": reach[f][lb], "vs_traditional": vs(trad, lb, reach[f]),
-                    "vs_kath18": vs(kath, lb, reach[f])}
+                f: {"target_error": targets[f], "time_s": found[lb, f].time, "time_s_per_seed": found[lb, f].per_seed,
+                    "vs_traditional": found[lb, f].vs.get(trad or ""), "vs_kath18": found[lb, f].vs.get(kath or "")}
                 for f in targets
             },
         }  # fmt: skip
@@ -379,9 +388,11 @@ def main() -> int:
     prime = TrainConfig().prime_epochs
     trad = rows.get("traditional")
     base_error = statistics.fmean(r[-1]["test_error"] for r in trad.values()) if trad else None
-    targets = {f: f * base_error for f in FACTORS} if base_error is not None else {}
-    reach = reach_times(rows, targets)
-    stats = label_stats(specs, rows, targets, reach, prime)
+    targets = target_errors([r[-1]["test_error"] for r in trad.values()]) if trad else {}
+    baselines = [b for b in ("traditional", "kath18") if b in rows]
+    found = time_to_target(rows, targets, baselines=baselines)  # the one time-to-target of the project
+    reach = reach_times(found)
+    stats = label_stats(specs, rows, targets, found, prime)
     check_results = checks(stats, reach)
     best = best_sb(stats)
 

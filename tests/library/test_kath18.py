@@ -163,3 +163,24 @@ def test_tau_takes_one_ema_step_per_presample_and_none_for_its_weighted_batch():
     assert kath.tau == pytest.approx(expected, rel=1e-12)
     batch.loss(model(batch.inputs))  # a weighted batch: tau follows presamples, not training batches
     assert kath.tau == pytest.approx(expected, rel=1e-12)
+
+
+def test_importance_sampling_starts_strictly_above_the_default_threshold():
+    kath = Kath18(Logits(), batch_size=8, presample=4)  # tau_th = (32 + 24) / 24 = 7/3
+    kath.tau = 7 / 3
+    assert not kath.importance_sampling
+    kath.tau = math.nextafter(7 / 3, math.inf)
+    assert kath.importance_sampling
+
+
+def test_a_uniform_batch_moves_tau_one_ema_step_toward_its_variance_reduction():
+    b = 4
+    x, y, idx = pool(b, 1, seed=9)
+    model = Logits()
+    kath = Kath18(model, batch_size=b, presample=3)
+    (batch,) = kath.select(x, y, idx)
+    assert batch.weights is None  # uniform phase: tau starts at 0
+    batch.loss(model(batch.inputs))
+    g = upper_bound_scores(x, y).double()
+    assert kath.tau == pytest.approx(0.1 * float(variance_reduction(g / g.sum())), rel=1e-12)
+    assert float(variance_reduction(g / g.sum())) > 1.01  # not uniform: a squared or skipped term would show

@@ -15,7 +15,7 @@ from selective_backprop import (
     Traditional,
     UniformPolicy,
 )
-from selective_backprop.policies import Policy
+from selective_backprop.policies import Policy, percentile_probabilities
 
 
 class IndexLossModel(nn.Module):
@@ -261,6 +261,21 @@ class TestQueueAndPriming:
         history = sb.policy.history.sort().values
         assert torch.allclose(history, IndexLossModel.loss_of(torch.arange(32)).sort().values)
         assert not sb.priming
+
+    def test_the_first_selective_batch_is_ranked_against_the_primed_losses(self):
+        model, n = IndexLossModel(), 40
+        spy = Spy(PercentilePolicy(beta=1.0))
+        sb = SelectiveBackprop(model, batch_size=1, policy=spy, prime_epochs=1, seed=4)
+        for b in sb.iterate(batches_of(n, 8)):
+            b.loss(model(b.inputs))
+        x, y, idx = index_data(n)
+        before = sb.generator(torch.device("cpu")).get_state()
+        chosen = torch.cat([b.indices for b in sb.select(x[:8], y[:8], idx[:8])] + [idx[:0]])
+        primed = IndexLossModel.loss_of(torch.arange(n))  # the history: 40 primed losses, then this batch's 8
+        expected = percentile_probabilities(torch.cat([primed, primed[:8]]), primed[:8], beta=1.0)
+        coins = torch.rand(8, generator=torch.Generator().set_state(before), dtype=torch.float64)
+        assert chosen.tolist() == idx[:8][coins < expected].tolist() and 0 < len(chosen) < 8
+        assert len(spy.seen[-1]) == 8 and len(sb.policy.inner) == n + 8
 
     def test_prime_epochs_zero(self):
         model = IndexLossModel()
