@@ -8,7 +8,8 @@ which needs the ``[experiments]`` extra and makes no stability promise.
 """
 
 from . import defaults
-from .base import COUNTER_NAMES, Batch, Selector, per_example_cross_entropy
+from .base import Selector
+from .batch import COUNTER_NAMES, Batch, per_example_cross_entropy
 from .composer_sb import ComposerSB
 from .infobatch import InfoBatch
 from .kath18 import Kath18

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from . import defaults
-from .base import Batch, LossFn, Selector
-from .queue import _take
-from .validation import is_int
+from .base import Selector
+from .batch import Batch, ForwardFn, LossFn
+from .batching import rows_of, take
+from .validation import check_int, check_number
 
 __all__ = ["ComposerSB", "composer_probabilities", "composer_select", "composer_should_select"]
 
@@ -121,8 +122,8 @@ class ComposerSB(Selector):
         loss_fn: per-example loss ``loss_fn(outputs, targets) -> (N,)``. Default: cross-entropy.
         score_mode: ``"eval"`` (default) or ``"train"`` (Composer's behaviour: BatchNorm batch statistics,
             running statistics updated twice per step, dropout active).
-        nonfinite, flush: see :class:`~selective_backprop.Selector`; with ``nonfinite='skip'`` the kept fraction
-            is drawn from the examples whose scoring loss is finite.
+        forward, min_batch_size, nonfinite, flush: see :class:`~selective_backprop.Selector`; with
+            ``nonfinite='skip'`` the kept fraction is drawn from the examples whose scoring loss is finite.
         seed: seed of the selector's own ``torch.Generator`` (Composer uses numpy's global RNG).
 
     Example:
@@ -145,24 +146,21 @@ class ComposerSB(Selector):
         end: float = defaults.COMPOSER_END,
         interrupt: int = defaults.COMPOSER_INTERRUPT,
         loss_fn: LossFn | None = None,
+        forward: ForwardFn | None = None,
+        min_batch_size: int | None = None,
         score_mode: Literal["eval", "train"] = "eval",
         nonfinite: Literal["raise", "skip"] = "raise",
         flush: Literal["epoch", "never"] = "epoch",
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            model, batch_size, loss_fn=loss_fn, score_mode=score_mode, nonfinite=nonfinite, flush=flush, seed=seed
-        )
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep must be in (0, 1] (fraction of each batch to backpropagate), got {keep!r}")
-        if not is_int(epochs, 1):
-            raise ValueError(f"epochs must be an int >= 1 (the training budget), got {epochs!r}")
-        if not is_int(dataset_size, 1):
-            raise ValueError(f"dataset_size must be an int >= 1 (pass len(train_set)), got {dataset_size!r}")
-        if not 0.0 <= start <= end <= 1.0:
-            raise ValueError(f"need 0 <= start <= end <= 1 (fractions of training), got start={start!r}, end={end!r}")
-        if not is_int(interrupt, 0):
-            raise ValueError(f"interrupt must be an int >= 0 (0: never interrupt), got {interrupt!r}")
+        super().__init__(model, batch_size, loss_fn=loss_fn, forward=forward, min_batch_size=min_batch_size,
+                         score_mode=score_mode, nonfinite=nonfinite, flush=flush, seed=seed)  # fmt: skip
+        check_number("keep", keep, 0.0, 1.0, low_open=True, fix="the fraction of each batch to backpropagate")
+        check_int("epochs", epochs, 1, "the training budget in epochs")
+        check_int("dataset_size", dataset_size, 1, "pass len(train_set)")
+        check_number("start", start, 0.0, 1.0, fix="a fraction of training")
+        check_number("end", end, start, 1.0, fix=f"a fraction of training, at least start={start!r}")
+        check_int("interrupt", interrupt, 0, "0 never interrupts")
         self.keep = float(keep)
         self.epochs = epochs
         self.dataset_size = dataset_size
@@ -177,8 +175,8 @@ class ComposerSB(Selector):
         """Fraction of the training budget offered so far: ``offered / (epochs * dataset_size)``."""
         return self.offered / (self.epochs * self.dataset_size)
 
-    def choose(self, inputs: Tensor, targets: Tensor, indices: Tensor | None) -> list[Batch]:
-        m = len(inputs)
+    def choose(self, inputs: Any, targets: Any, indices: Tensor | None) -> list[Batch]:
+        m = rows_of(inputs)
         active = self.keep < 1 and composer_should_select(
             self.progress, self.batch_in_epoch, self.start, self.end, self.interrupt
         )
@@ -193,7 +191,7 @@ class ComposerSB(Selector):
             else:
                 chosen = composer_select(losses, self.keep, self.generator(losses.device))
             self.count(selection_forwards=m, selected=len(chosen))
-            fields = (inputs[chosen], _take(targets, chosen), None if indices is None else _take(indices, chosen))
+            fields = (*take((inputs, targets, indices), chosen), None, None)
             batches = [self.make_batch(fields)] if len(chosen) else []
         else:
             self.count(selected=m)

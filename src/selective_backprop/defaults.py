@@ -10,6 +10,9 @@ from __future__ import annotations
 BATCH_SIZE = 128
 """Examples per training batch (the backprop queue's size)."""
 
+MIN_BATCH_SIZE = 2
+"""The smallest training batch a selector yields at an epoch's end (a BatchNorm model cannot train on one example)."""
+
 BETA = 3.0
 """SB's selectivity exponent: ``P = percentile ** beta`` (the authors' scripts default to 3)."""
 

@@ -141,7 +141,13 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class Collectives:
-    """The selector's three collectives on one process group, with errors that say what went wrong.
+    """The collectives of the selector (and the lab's trainer) on one process group, each tagged with its phase.
+
+    Every collective first exchanges a small header -- a sequence number, the phase (e.g. "all_gather of the batch
+    losses") and, where it carries one, an integer -- so ranks that fall out of step (one offers another loader
+    batch while the other flushes its epoch) are caught at the first collective where they differ, and *every*
+    rank raises :class:`CollectiveError` naming what each rank was doing, instead of one rank failing and the other
+    hanging in DDP's backward until a backend timeout.
 
     Args:
         group: a process group; ``None`` is the default (world) group, which must be initialized.
@@ -149,6 +155,8 @@ class Collectives:
     Raises:
         RuntimeError: when no process group is initialized.
     """
+
+    PHASE_CHARS = 56  # characters of the phase name carried in the header
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
@@ -162,6 +170,7 @@ class Collectives:
         self.world_size = dist.get_world_size(group)
         nccl = dist.get_backend(group) == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self.sequence = 0  # collectives run so far on this object: the same on every rank while in step
 
     @contextmanager
     def _guard(self, what: str) -> Iterator[None]:
@@ -175,15 +184,36 @@ class Collectives:
                 f"a DistributedSampler guarantees it). Underlying error: {err}"
             ) from err
 
+    def _step(self, what: str, value: int = 0) -> list[int]:
+        """Exchange ``(sequence, value, phase)`` with every rank; return every rank's ``value``, in rank order.
+
+        Raises :class:`CollectiveError` on every rank when the ranks are not at the same collective."""
+        self.sequence += 1
+        code = list(what.encode("ascii", "replace")[: self.PHASE_CHARS])
+        header = torch.tensor([self.sequence, value, *code, *[0] * (self.PHASE_CHARS - len(code))],
+                              dtype=torch.int64, device=self.device)  # fmt: skip
+        headers = [torch.empty_like(header) for _ in range(self.world_size)]
+        with self._guard(f"{what} (header)"):
+            dist.all_gather(headers, header, group=self.group)
+        rows = torch.stack(headers).cpu()
+        tags = torch.cat([rows[:, :1], rows[:, 2:]], dim=1)  # sequence and phase: what must agree
+        if not bool((tags == tags[self.rank]).all()):
+            where = "; ".join(
+                f"rank {r} at collective #{int(row[0])} ({bytes(int(c) for c in row[2:] if c).decode()})"
+                for r, row in enumerate(rows)
+            )
+            raise CollectiveError(
+                f"the ranks fell out of step on rank {self.rank} of {self.world_size}: {where}. Every rank must offer "
+                "the same number of non-empty loader batches per epoch and call end_epoch() together (a "
+                "DistributedSampler or the lab's ShardedLoader guarantees equal batch counts)"
+            )
+        return [int(v) for v in rows[:, 1]]
+
     def all_gather(self, values: Tensor, what: str = "all_gather of the batch losses") -> tuple[Tensor, int]:
         """Concatenate every rank's 1-D ``values`` (lengths may differ) in rank order; also return this rank's
         offset in the result. Values travel as float64, so float16/32 losses come back bit-identical."""
         local = values.detach().reshape(-1).to(self.device, torch.float64)
-        size = torch.tensor([len(local)], dtype=torch.int64, device=self.device)
-        sizes = [torch.empty_like(size) for _ in range(self.world_size)]
-        with self._guard(f"{what} (sizes)"):
-            dist.all_gather(sizes, size, group=self.group)
-        counts = torch.cat(sizes).tolist()
+        counts = self._step(what, len(local))
         padded = torch.zeros(max(1, *counts), dtype=torch.float64, device=self.device)  # never 0-sized
         padded[: len(local)] = local
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
@@ -193,14 +223,13 @@ class Collectives:
         return gathered.to(values.device, values.dtype), sum(counts[: self.rank])
 
     def all_reduce_int(self, value: int, op: Literal["min", "max"], what: str) -> int:
-        """The minimum or maximum of every rank's integer ``value``."""
-        buf = torch.tensor([value], dtype=torch.int64, device=self.device)
-        with self._guard(what):
-            dist.all_reduce(buf, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX, group=self.group)
-        return int(buf.item())
+        """The minimum or maximum of every rank's integer ``value`` (carried by the phase header itself)."""
+        values = self._step(what, int(value))
+        return min(values) if op == "min" else max(values)
 
     def all_reduce_sum(self, values: Tensor, what: str) -> Tensor:
         """The element-wise sum over ranks of ``values`` (returned on ``values``' device and dtype)."""
+        self._step(what)
         buf = values.detach().to(self.device, torch.float64).clone()
         with self._guard(what):
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
@@ -208,6 +237,7 @@ class Collectives:
 
     def all_gather_object(self, obj: Any, what: str) -> list[Any]:
         """Every rank's picklable ``obj``, in rank order (for small, rare exchanges such as resume positions)."""
+        self._step(what)
         out: list[Any] = [None] * self.world_size
         with self._guard(what):
             dist.all_gather_object(out, obj, group=self.group)
@@ -215,11 +245,11 @@ class Collectives:
 
     def broadcast_(self, tensors: list[Tensor], what: str, src: int = 0) -> None:
         """Overwrite ``tensors`` in place with rank ``src``'s."""
+        self._step(what)
         with self._guard(what):
             for t in tensors:
                 dist.broadcast(t, src, group=self.group)
 
     def barrier(self, what: str) -> None:
-        """Wait until every rank gets here."""
-        with self._guard(what):
-            dist.barrier(group=self.group)
+        """Wait until every rank gets here (the header exchange is itself a barrier)."""
+        self._step(what)

@@ -18,9 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from . import defaults
-from .base import Batch, LossFn, Selector
-from .queue import _take, check_index_range
-from .validation import is_int
+from .base import Selector
+from .batch import Batch, ForwardFn, LossFn
+from .batching import device_of, rows_of, take
+from .queue import check_index_range
+from .validation import check_int, check_number
 
 __all__ = ["InfoBatch", "mean_score", "infobatch_prune"]
 
@@ -114,8 +116,8 @@ class InfoBatch(Selector):
         dataset_size: number of training examples (size of the score table); indices are ``0 .. size - 1``.
         delta: fraction of the epochs with pruning. Default: ``0.875`` (the authors').
         loss_fn: per-example loss ``loss_fn(outputs, targets) -> (N,)``. Default: cross-entropy.
-        nonfinite, flush, seed: see :class:`~selective_backprop.Selector` (InfoBatch runs no scoring forward, so
-            ``nonfinite`` has no effect; a non-finite training loss always raises).
+        forward, min_batch_size, nonfinite, flush, seed: see :class:`~selective_backprop.Selector` (InfoBatch runs
+            no scoring forward, so ``nonfinite`` has no effect; a non-finite training loss always raises).
 
     Raises:
         ValueError: on out-of-range arguments, and in :meth:`select` when dataset indices are missing.
@@ -142,23 +144,19 @@ class InfoBatch(Selector):
         dataset_size: int,
         delta: float = defaults.INFOBATCH_DELTA,
         loss_fn: LossFn | None = None,
+        forward: ForwardFn | None = None,
+        min_batch_size: int | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
         flush: Literal["epoch", "never"] = "epoch",
         seed: int = 0,
     ) -> None:
-        super().__init__(model, batch_size, loss_fn=loss_fn, nonfinite=nonfinite, flush=flush, seed=seed)
-        if not 0.0 <= prune_ratio < 1.0:
-            raise ValueError(f"prune_ratio must be in [0, 1) (probability of pruning), got {prune_ratio!r}")
-        if not is_int(epochs, 1):
-            raise ValueError(f"epochs must be an int >= 1 (the training budget), got {epochs!r}")
-        if not is_int(dataset_size, 1):
-            raise ValueError(f"dataset_size must be an int >= 1 (pass len(train_set)), got {dataset_size!r}")
-        if not 0.0 <= delta <= 1.0:
-            raise ValueError(f"delta must be in [0, 1] (fraction of epochs with pruning), got {delta!r}")
-        self.prune_ratio = float(prune_ratio)
-        self.epochs = epochs
-        self.dataset_size = dataset_size
-        self.delta = float(delta)
+        super().__init__(model, batch_size, loss_fn=loss_fn, forward=forward, min_batch_size=min_batch_size,
+                         nonfinite=nonfinite, flush=flush, seed=seed)  # fmt: skip
+        self.prune_ratio = check_number("prune_ratio", prune_ratio, 0.0, 1.0, high_open=True,
+                                        fix="the probability of pruning a below-mean example")  # fmt: skip
+        self.epochs = check_int("epochs", epochs, 1, "the training budget in epochs")
+        self.dataset_size = check_int("dataset_size", dataset_size, 1, "pass len(train_set)")
+        self.delta = check_number("delta", delta, 0.0, 1.0, fix="the fraction of the epochs with pruning")
         self.scores = torch.zeros(dataset_size, dtype=torch.float64)
         self.scored = torch.zeros(dataset_size, dtype=torch.bool)
         self.threshold: Tensor | None = None  # this epoch's mean score, fixed at its first select()
@@ -168,13 +166,13 @@ class InfoBatch(Selector):
         """Whether this epoch prunes (``epoch < delta * epochs``)."""
         return self.epoch < self.delta * self.epochs
 
-    def choose(self, inputs: Tensor, targets: Tensor, indices: Tensor | None) -> list[Batch]:
+    def choose(self, inputs: Any, targets: Any, indices: Tensor | None) -> list[Batch]:
         if indices is None:
             raise ValueError(
                 "InfoBatch needs dataset indices to keep one score per example: call select(inputs, targets, "
                 "indices) or use a loader that yields (inputs, targets, indices)"
             )
-        m = len(inputs)
+        m = len(indices)
         self._place(indices.device)
         self._check_indices(indices)
         if self.pruning:
@@ -185,10 +183,10 @@ class InfoBatch(Selector):
                 self.scores[indices], self.scored[indices], self.threshold, self.prune_ratio, u
             )
             kept = keep.nonzero().squeeze(1)  # host sync: the queue needs the count
-            fields = (_take(inputs, kept), _take(targets, kept), indices[kept], _take(weights, kept, inputs.device))
+            fields = take((inputs, targets, indices, weights.to(device_of(inputs))), kept)
         else:
-            fields = (inputs, targets, indices, torch.ones(m, dtype=torch.float32, device=inputs.device))
-        self.count(selected=len(fields[0]))
+            fields = (inputs, targets, indices, torch.ones(m, dtype=torch.float32, device=device_of(inputs)))
+        self.count(selected=rows_of(fields[0]))
         return [self.make_batch(f) for f in self.enqueue(*fields)]
 
     def end_epoch(self) -> list[Batch]:

@@ -22,8 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import defaults
-from .base import Batch, LossFn, Selector
+from .base import Selector
+from .batch import Batch, ForwardFn, LossFn
+from .batching import rows_of, take
 from .queue import BackpropQueue
+from .validation import check_choice, check_int, check_number
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -41,6 +44,10 @@ def upper_bound_scores(outputs: Tensor, targets: Tensor) -> Tensor:
     probs = torch.softmax(outputs.float(), dim=1)
     scores: Tensor = (probs - F.one_hot(targets, probs.shape[1]).to(probs.dtype)).norm(dim=1)
     return scores
+
+
+def _shape(value: Any) -> str:
+    return f"of shape {tuple(value.shape)} ({value.dtype})" if isinstance(value, Tensor) else type(value).__name__
 
 
 def _normalize(scores: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -86,8 +93,8 @@ class Kath18(Selector):
         loss_fn: per-example loss. Default: cross-entropy.
         tau_ema: EMA factor for ``tau``. Default: ``0.9``.
         tau_th: switch-on threshold; default ``(B + 3b) / (3b)``.
-        score_mode, nonfinite, flush, seed: see :class:`~selective_backprop.Selector`; with
-            ``nonfinite='skip'`` a presample example with a NaN/inf score is never drawn.
+        forward, min_batch_size, score_mode, nonfinite, flush, seed: see :class:`~selective_backprop.Selector`;
+            with ``nonfinite='skip'`` a presample example with a NaN/inf score is never drawn.
         distributed: ``True`` (default group) or a process group: ``tau`` from the scores of every rank, so the
             ranks switch to importance sampling together (see :mod:`selective_backprop.distributed`).
             Default: ``False``.
@@ -106,6 +113,8 @@ class Kath18(Selector):
         loss_fn: LossFn | None = None,
         tau_ema: float = defaults.KATH18_TAU_EMA,
         tau_th: float | None = None,
+        forward: ForwardFn | None = None,
+        min_batch_size: int | None = None,
         score_mode: Literal["eval", "train"] = "eval",
         nonfinite: Literal["raise", "skip"] = "raise",
         flush: Literal["epoch", "never"] = "epoch",
@@ -113,20 +122,16 @@ class Kath18(Selector):
         distributed: bool | ProcessGroup = False,
     ) -> None:
         super().__init__(
-            model, batch_size, loss_fn=loss_fn, score_mode=score_mode, nonfinite=nonfinite, flush=flush, seed=seed,
-            distributed=distributed,
+            model, batch_size, loss_fn=loss_fn, forward=forward, min_batch_size=min_batch_size, score_mode=score_mode,
+            nonfinite=nonfinite, flush=flush, seed=seed, distributed=distributed,
         )  # fmt: skip
-        if isinstance(presample, bool) or not isinstance(presample, int) or presample < 1:
-            raise ValueError(f"presample (k, with B = k * batch_size) must be an int >= 1, got {presample!r}")
-        if score not in ("upper-bound", "loss"):
-            raise ValueError(f"score must be 'upper-bound' or 'loss', got {score!r}")
-        if not 0.0 <= tau_ema < 1.0:
-            raise ValueError(f"tau_ema must be in [0, 1), got {tau_ema!r}")
-        self.presample = presample
+        self.presample = check_int("presample", presample, 1, "the presample is B = presample * batch_size")
         self.pool_size = presample * batch_size
-        self.score = score
-        self.tau_ema = tau_ema
-        self.tau_th = (self.pool_size + 3 * batch_size) / (3 * batch_size) if tau_th is None else float(tau_th)
+        self.score = check_choice("score", score, ("upper-bound", "loss"))
+        self.tau_ema = check_number("tau_ema", tau_ema, 0.0, 1.0, high_open=True)
+        default_th = (self.pool_size + 3 * batch_size) / (3 * batch_size)
+        self.tau_th = default_th if tau_th is None else check_number(
+            "tau_th", tau_th, fix=f"the default (B + 3b) / (3b) is {default_th:g}")  # fmt: skip
         self.tau = 0.0
         self.pool = BackpropQueue(self.pool_size)
 
@@ -135,24 +140,36 @@ class Kath18(Selector):
         """Whether importance sampling is on (``tau > tau_th``)."""
         return self.tau > self.tau_th
 
-    def _scores(self, outputs: Tensor, targets: Tensor, losses: Tensor) -> Tensor:
-        return upper_bound_scores(outputs, targets) if self.score == "upper-bound" else losses
+    def _scores(self, outputs: Any, targets: Any, losses: Tensor) -> Tensor:
+        """Per-example scores ``(N,)``: the upper bound ``||softmax - onehot||`` of ``(N, C)`` logits and integer
+        class targets, or the loss (``score="loss"``, for any loss)."""
+        if self.score == "loss":
+            return losses
+        n = rows_of(targets, "targets")
+        logits = isinstance(outputs, Tensor) and outputs.ndim == 2 and outputs.is_floating_point()
+        classes = isinstance(targets, Tensor) and targets.shape == (n,) and not targets.is_floating_point()
+        if not (logits and classes and outputs.shape == (n, outputs.shape[1]) and outputs.shape[1] > 1):
+            got = f"outputs {_shape(outputs)} and targets {_shape(targets)}"
+            raise ValueError(
+                f"Kath18's score='upper-bound' needs (N, C) class logits and (N,) integer class targets, got {got}; "
+                "for regression, multi-label or sequence losses pass score='loss' (the per-example loss)"
+            )  # fmt: skip
+        return upper_bound_scores(outputs, targets)
 
     def _update_tau(self, scores: Tensor) -> None:
         """EMA of the variance reduction of ``scores``; distributed, of every rank's scores together."""
         g = _normalize(self.gather(scores)[0])
         self.tau = self.tau_ema * self.tau + (1 - self.tau_ema) * float(variance_reduction(g))  # host sync
 
-    def choose(self, inputs: Tensor, targets: Tensor, indices: Tensor | None) -> list[Batch]:
+    def choose(self, inputs: Any, targets: Any, indices: Tensor | None) -> list[Batch]:
         if not self.importance_sampling:
             leftover = self.pool.flush()  # a presample cut short when tau fell back: train it uniformly
-            ready = [] if leftover is None else self.queue.push(*leftover)  # same size on every rank
+            ready = [] if leftover is None else self.queue.push(*leftover, None, None)  # same size on every rank
             ready += self.enqueue(inputs, targets, indices)
-            self.count(selected=len(inputs) + (0 if leftover is None else len(leftover[0])))  # type: ignore[arg-type]
+            self.count(selected=rows_of(inputs) + (0 if leftover is None else rows_of(leftover[0])))
             return [self.make_batch(f) for f in ready]
         batches = []
         for px, py, pidx in self.pool.push(inputs, targets, indices):
-            assert px is not None and py is not None  # the pool holds the offered inputs and targets
             outputs, losses = self.scoring_forward(px, py)
             scores = self._scores(outputs, py, losses)
             finite = self.finite_rows(scores)  # nonfinite="skip": never drawn, no weight in tau
@@ -161,12 +178,16 @@ class Kath18(Selector):
             self._update_tau(scores)
             drawn = torch.multinomial(g, self.batch_size, replacement=True, generator=self.generator(g.device))
             weights = importance_weights(g, drawn).to(torch.float32)
-            self.count(selection_forwards=len(px), selected=len(drawn))
-            batches.append(self.make_batch((px[drawn], py[drawn], None if pidx is None else pidx[drawn], weights)))
+            self.count(selection_forwards=len(g), selected=len(drawn))
+            batches.append(self.make_batch((*take((px, py, pidx), drawn), weights, None)))
         return batches
 
-    def observe(self, batch: Batch, outputs: Tensor, losses: Tensor) -> None:
-        if batch.weights is None:  # uniform phase: tau follows the training batch's scores
+    def observe(self, batch: Batch, outputs: Any, losses: Tensor) -> None:
+        """Uniform phase: ``tau`` follows each training batch's scores. Importance-sampled batches (weighted)
+        leave it alone; distributed padding batches join the gather with no scores of their own."""
+        if batch.padding:
+            self._update_tau(losses[:0])
+        elif batch.weights is None:
             self._update_tau(self._scores(outputs, batch.targets, losses))
 
     def state_dict(self) -> dict[str, Any]:

@@ -11,24 +11,24 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
+
+from .batching import clone, concat, cut, rows_of
+from .validation import check_int
 
 __all__ = ["BackpropQueue", "LossCache", "check_index_range"]
 
-Fields = tuple[Tensor | None, ...]
-"""One queue entry: tensors sharing their first dimension (``None`` entries are passed through)."""
-
-
-def _clone(value: Any) -> Any:
-    """A deep copy of the tensors in a pytree (containers and other leaves are rebuilt or kept)."""
-    return tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, value)
+Fields = tuple[Any, ...]
+"""One queue entry: fields (tensors, ``None`` or pytrees of tensors) sharing their first dimension."""
 
 
 class BackpropQueue:
     """Accumulates selected examples until a full batch of ``batch_size`` is ready.
 
-    Entries are tuples of tensors that share their first dimension (``None`` entries are passed through).
-    Tensors stay on their device. Order is first-in, first-out; the remainder carries over between pushes.
+    Entries are tuples of fields (inputs, targets, indices, ...), each a tensor, ``None`` or any nesting of
+    dicts/lists/tuples of tensors sharing their first dimension (:mod:`selective_backprop.batching`). A tensor field
+    that is ``None`` in some pushes reads as its default there when batches are cut: all ``False`` for a bool field
+    (the primed mask), all ones otherwise (weights). Tensors stay on their device. Order is first-in, first-out; the
+    remainder carries over between pushes.
 
     Example:
         >>> q = BackpropQueue(4)
@@ -38,24 +38,24 @@ class BackpropQueue:
         [(0, 1, 2, 3), (4, 5, 6, 7)]
         >>> len(q), q.flush()[0].tolist()
         (1, [8])
+        >>> [b[0]["ids"].tolist() for b in q.push({"ids": torch.arange(4)})]   # nested inputs
+        [[0, 1, 2, 3]]
     """
 
     def __init__(self, batch_size: int) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        self.batch_size = batch_size
+        self.batch_size = check_int("batch_size", batch_size, 1)
         self._chunks: list[Fields] = []
         self._size = 0
 
     def __len__(self) -> int:
         return self._size
 
-    def push(self, *fields: Tensor | None, max_batches: int | None = None) -> list[Fields]:
+    def push(self, *fields: Any, max_batches: int | None = None) -> list[Fields]:
         """Queue examples; return every full batch now ready (possibly none), or at most ``max_batches`` of them.
 
         Full batches held back by ``max_batches`` stay queued, in order (distributed lockstep).
         """
-        n = len(fields[0])  # type: ignore[arg-type]
+        n = rows_of(fields[0])
         bs = self.batch_size
         full = (self._size + n) // bs if max_batches is None else min(max_batches, (self._size + n) // bs)
         if self._size == 0 and n == bs and full == 1:  # common case (Traditional, priming): no copy at all
@@ -66,17 +66,18 @@ class BackpropQueue:
         if full <= 0:
             return []
         merged = self._merge()
-        batches = [tuple(_rows(f, i * bs, (i + 1) * bs) for f in merged) for i in range(full)]
+        batches = [cut(merged, i * bs, (i + 1) * bs) for i in range(full)]
         self._size -= full * bs
-        self._chunks = [tuple(_rows(f, full * bs, None) for f in merged)] if self._size else []
+        self._chunks = [cut(merged, full * bs, None)] if self._size else []
         return batches
 
-    def flush(self) -> Fields | None:
-        """Return everything queued as one batch and empty the queue, or ``None`` if empty.
+    def flush(self, min_rows: int = 1) -> Fields | None:
+        """Return everything queued as one batch and empty the queue; ``None`` (the queue kept as it is) when it
+        holds fewer than ``min_rows`` examples.
 
         The batch is smaller than ``batch_size`` unless ``push(max_batches=...)`` held full batches back.
         """
-        if not self._size:
+        if not self._size or self._size < min_rows:
             return None
         merged = self._merge()
         self._chunks, self._size = [], 0
@@ -85,27 +86,23 @@ class BackpropQueue:
     def _merge(self) -> Fields:
         if len(self._chunks) == 1:
             return self._chunks[0]
-        columns = zip(*self._chunks, strict=True)
-        return tuple(None if col[0] is None else torch.cat(col) for col in columns)
+        chunks = self._chunks
+        for k in range(len(chunks[0])):  # a per-example field given in some pushes only: fill in its default
+            given = next((c[k] for c in chunks if isinstance(c[k], Tensor)), None)
+            if given is not None and any(c[k] is None for c in chunks):
+                fill = torch.zeros if given.dtype == torch.bool else torch.ones
+                chunks = [c if c[k] is not None else (*c[:k], fill(rows_of(c[0]), dtype=given.dtype,
+                          device=given.device), *c[k + 1 :]) for c in chunks]  # fmt: skip
+        return concat(chunks)  # type: ignore[no-any-return]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "pending": _clone(self._merge()) if self._size else None}
+        return {"batch_size": self.batch_size, "pending": clone(self._merge()) if self._size else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batch_size = state["batch_size"]
         pending = state["pending"]
-        self._chunks = [_clone(tuple(pending))] if pending is not None else []
-        self._size = len(pending[0]) if pending is not None else 0
-
-
-def _take(t: Tensor, rows: Tensor, device: torch.device | None = None) -> Tensor:
-    """``t[rows]`` whatever device ``rows`` is on (moved to ``device`` if given)."""
-    out = t[rows.to(t.device)]
-    return out if device is None else out.to(device)
-
-
-def _rows(t: Tensor | None, start: int, stop: int | None) -> Tensor | None:
-    return None if t is None else t[start:stop]
+        self._chunks = [clone(tuple(pending))] if pending is not None else []
+        self._size = rows_of(pending[0]) if pending is not None else 0
 
 
 def check_index_range(indices: Tensor, size: int, owner: str) -> None:
@@ -173,7 +170,7 @@ class LossCache:
             self.age[idx] = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: _clone(v) for k, v in self.__dict__.items()}
+        return {k: clone(v) for k, v in self.__dict__.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(_clone(state))
+        self.__dict__.update(clone(state))

@@ -24,15 +24,19 @@ Python numbers taken from tensor shapes, so reading them never syncs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from . import defaults
-from .base import Batch, LossFn, Selector
+from .base import Selector
+from .batch import Batch, ForwardFn, LossFn
+from .batching import device_of, rows_of, take
 from .policies import POLICY_MEMBERS, PercentilePolicy, Policy
 from .queue import LossCache
+from .validation import check_bool, check_int
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -58,7 +62,8 @@ class SelectiveBackprop(Selector):
             a full history at no extra cost.
         refresh_on_backprop: with ``staleness``, overwrite an example's cached loss with its training loss when
             it is backpropagated (its age is not reset), as the authors did. Default: ``True``.
-        score_mode, nonfinite, flush, seed, distributed: see :class:`~selective_backprop.Selector`.
+        loss_fn, forward, example_weights, min_batch_size, score_mode, nonfinite, flush, seed, distributed: see
+            :class:`~selective_backprop.Selector`.
 
     Raises:
         TypeError: when ``policy`` is not a :class:`Policy` instance (e.g. a string or the class itself).
@@ -85,6 +90,9 @@ class SelectiveBackprop(Selector):
         dataset_size: int | None = None,
         prime_epochs: int = defaults.PRIME_EPOCHS,
         refresh_on_backprop: bool = True,
+        forward: ForwardFn | None = None,
+        example_weights: Callable[[Any], Tensor] | None = None,
+        min_batch_size: int | None = None,
         score_mode: Literal["eval", "train"] = "eval",
         nonfinite: Literal["raise", "skip"] = "raise",
         flush: Literal["epoch", "never"] = "epoch",
@@ -92,7 +100,8 @@ class SelectiveBackprop(Selector):
         distributed: bool | ProcessGroup = False,
     ) -> None:
         super().__init__(
-            model, batch_size, loss_fn=loss_fn, score_mode=score_mode, nonfinite=nonfinite, flush=flush, seed=seed,
+            model, batch_size, loss_fn=loss_fn, forward=forward, example_weights=example_weights,
+            min_batch_size=min_batch_size, score_mode=score_mode, nonfinite=nonfinite, flush=flush, seed=seed,
             distributed=distributed,
         )  # fmt: skip
         if isinstance(policy, type):
@@ -103,10 +112,8 @@ class SelectiveBackprop(Selector):
             raise TypeError(f"policy must be a Policy instance such as PercentilePolicy(beta=3); {policy!r} lacks "
                             f"{', '.join(missing)} (see selective_backprop.Policy)")  # fmt: skip
         self.policy: Policy = policy if policy is not None else PercentilePolicy(beta)
-        if isinstance(prime_epochs, bool) or not isinstance(prime_epochs, int) or prime_epochs < 0:
-            raise ValueError(f"prime_epochs must be an int >= 0, got {prime_epochs!r}")
-        self.prime_epochs = prime_epochs
-        self.refresh_on_backprop = refresh_on_backprop
+        self.prime_epochs = check_int("prime_epochs", prime_epochs, 0)
+        self.refresh_on_backprop = check_bool("refresh_on_backprop", refresh_on_backprop)
         self.cache: LossCache | None = None
         if staleness is not None:
             if dataset_size is None:
@@ -118,8 +125,8 @@ class SelectiveBackprop(Selector):
         """True during the first ``prime_epochs`` epochs, when every example is backpropagated."""
         return self.epoch < self.prime_epochs
 
-    def choose(self, inputs: Tensor, targets: Tensor, indices: Tensor | None) -> list[Batch]:
-        m = len(inputs)
+    def choose(self, inputs: Any, targets: Any, indices: Tensor | None) -> list[Batch]:
+        m = len(indices) if indices is not None else rows_of(inputs)
         take_all = self.priming or self.policy.selects_all
         if self.cache is not None:
             if indices is None:
@@ -132,21 +139,23 @@ class SelectiveBackprop(Selector):
             self.cache.check_indices(indices)
         if take_all:
             self.count(selected=m)
-            ready = self.enqueue(inputs, targets, indices)
+            primed = torch.ones(m, dtype=torch.bool, device=device_of(inputs)) if self.priming else None
+            ready = self.enqueue(inputs, targets, indices, primed=primed)
         else:
             if self.policy.needs_loss:
                 losses = self._selection_losses(inputs, targets, indices)
             else:
-                losses = torch.zeros(m, device=inputs.device)
+                losses = torch.zeros(m, device=device_of(inputs))
             keep = self._coin_flips(losses)
             chosen = keep.nonzero().squeeze(1)  # host sync: the queue needs the count
             self.count(selected=len(chosen))
-            ready = self.enqueue(inputs[chosen], targets[chosen], None if indices is None else indices[chosen])
-        return [self.make_batch(fields, self.priming) for fields in ready]
+            rows = (inputs, targets, indices)
+            ready = self.enqueue(*take(rows, chosen))
+        return [self.make_batch(fields) for fields in ready]
 
-    def _selection_losses(self, inputs: Tensor, targets: Tensor, indices: Tensor | None) -> Tensor:
+    def _selection_losses(self, inputs: Any, targets: Any, indices: Tensor | None) -> Tensor:
         """Fresh scoring-forward losses, or cached ones for StaleSB; only stale examples are forwarded."""
-        m = len(inputs)
+        m = rows_of(inputs)
         if self.cache is None:
             self.count(selection_forwards=m)
             return self.scoring_forward(inputs, targets)[1]
@@ -154,7 +163,7 @@ class SelectiveBackprop(Selector):
         need = self.cache.visit(indices).nonzero().squeeze(1)
         losses = self.cache.loss[indices]
         if len(need):
-            fresh = self.scoring_forward(inputs[need], targets[need])[1]
+            fresh = self.scoring_forward(take(inputs, need), take(targets, need))[1]
             losses[need] = fresh.to(losses.dtype)
             self.cache.store(indices[need], fresh)
         self.count(selection_forwards=len(need), skipped_forwards=m - len(need))
@@ -176,13 +185,23 @@ class SelectiveBackprop(Selector):
         gathered, offset = self.gather(losses)
         return self.policy(gathered)[offset : offset + len(losses)]
 
-    def observe(self, batch: Batch, outputs: Tensor, losses: Tensor) -> None:
-        if batch.primed:
-            self.policy.record(self.gather(losses)[0])
-            if self.cache is not None and batch.indices is not None:
-                self.cache.store(batch.indices, losses, fresh=True)
-        elif self.cache is not None and self.refresh_on_backprop and batch.indices is not None:
-            self.cache.store(batch.indices, losses, fresh=False)
+    def observe(self, batch: Batch, outputs: Any, losses: Tensor) -> None:
+        """Primed rows' training losses go into the history (gathered over ranks) and the StaleSB cache (fresh);
+        other backpropagated rows refresh their cached loss (``refresh_on_backprop``)."""
+        primed = batch.primed_rows
+        if self._comm is not None and 0 < self.prime_epochs and batch.epoch <= self.prime_epochs:
+            # every rank gathers at every step that may hold primed rows (padding too), so the collectives match
+            mine = losses[primed] if primed is not None and not batch.padding else losses[:0]
+            self.policy.record(self.gather(mine)[0])
+        elif primed is not None:
+            self.policy.record(losses[primed])
+        if self.cache is None or batch.indices is None or batch.padding:
+            return
+        if primed is not None:
+            self.cache.store(batch.indices[primed], losses[primed], fresh=True)
+        if self.refresh_on_backprop:
+            rest = slice(None) if primed is None else ~primed
+            self.cache.store(batch.indices[rest], losses[rest], fresh=False)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -201,3 +220,4 @@ class SelectiveBackprop(Selector):
         self.policy.load_state_dict(policy_state)
         if self.cache is not None:
             self.cache.load_state_dict(state["cache"])
+

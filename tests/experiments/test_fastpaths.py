@@ -20,11 +20,12 @@ def config(data, **kw) -> TrainConfig:
 
 
 def spy_forwards(model: torch.nn.Module) -> list[tuple[bool, bool, int, torch.dtype]]:
-    """Record (training mode, autocast on, batch size, output dtype) of every forward of ``model``."""
+    """Record (a training forward, autocast on, batch size, output dtype) of every forward of ``model``; a training
+    forward is one with autograd on (the run's last leftover examples train in eval mode, with grad)."""
     calls: list[tuple[bool, bool, int, torch.dtype]] = []
 
     def hook(module, inputs, output):
-        calls.append((module.training, torch.is_autocast_enabled("cpu"), len(inputs[0]), output.dtype))
+        calls.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), len(inputs[0]), output.dtype))
 
     model.register_forward_hook(hook)
     return calls

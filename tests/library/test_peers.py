@@ -72,7 +72,8 @@ def save_load(selector, fresh):
 
 
 def infobatch(model: nn.Module, n: int, **kwargs) -> InfoBatch:
-    return InfoBatch(model, **{"batch_size": 4, "epochs": 10**6, "dataset_size": n, "loss_fn": first_column, **kwargs})
+    options = {"batch_size": 4, "epochs": 10**6, "dataset_size": n, "loss_fn": first_column, "min_batch_size": 1}
+    return InfoBatch(model, **{**options, **kwargs})
 
 
 # ----- InfoBatch -------------------------------------------------------------------------------------------------

@@ -373,7 +373,8 @@ class TestCountersAndState:
                 b.loss(model(b.inputs))
         c = sb.counters
         assert c["seen"] == 192 and c["selection_forwards"] == 128
-        assert c["backpropagated"] == c["selected"] and c["steps"] >= c["backpropagated"] / 8
+        assert c["backpropagated"] + len(sb.queue) == c["selected"] and c["steps"] >= c["backpropagated"] / 8
+        assert len(sb.queue) < sb.min_batch_size
         assert c["select_time_s"] > 0 and c["score_time_s"] > 0
         sb.reset_counters()
         assert all(v == 0 for v in sb.counters.values())

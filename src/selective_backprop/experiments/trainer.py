@@ -232,6 +232,10 @@ class Trainer:
                 self.next_eval += self.config.eval_every  # type: ignore[operator]
                 self._log(bar)
         self._timed_steps(self.selector.end_epoch())
+        if self.epoch + 1 == self.config.epochs:  # the very end: the examples min_batch_size held back, trained
+            self.train_model.eval()  # with BatchNorm's running statistics (it cannot take one example in train mode)
+            self._timed_steps(self.selector.flush())
+            self.train_model.train()
         self.epoch += 1
         self.batches_done = 0
 
@@ -255,7 +259,8 @@ class Trainer:
         c = self.config
         if self.metrics_rows == 0:
             self._log()  # the starting point of every curve: error before training, at time 0
-        handlers = {s: signal.signal(s, self._on_signal) for s in INTERRUPT_EXIT_CODES}
+        handlers = {s: signal.signal(s, lambda signum, _: setattr(self, "_stop_signal", signum))
+                    for s in INTERRUPT_EXIT_CODES}  # fmt: skip
         try:
             while self.epoch < c.epochs:
                 per_epoch = getattr(self.loader, "shard_length", len(self.parts.train_set))  # this rank's share
@@ -275,9 +280,6 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
         return self._finish()
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self._stop_signal = signum
 
     def _finish(self) -> dict[str, Any]:
         p = self.parts
