@@ -43,7 +43,8 @@ WARMUP = 10  # trials before F and T are measured (allocator, caches, CPU clocks
 
 def data_epoch(trainer: Trainer) -> float:
     """D: seconds to draw one epoch of batches (shuffle, gather, augment, normalize) with no model work."""
-    loader = sbdata.DeviceLoader(trainer.parts.train_set, trainer.config.batch_size, augment=trainer.parts.augment, seed=11)
+    parts = trainer.parts
+    loader = sbdata.DeviceLoader(parts.train_set, trainer.config.batch_size, augment=parts.augment, seed=11)
     sync(trainer.device)
     t = time.perf_counter()
     for x, _, _ in loader:
