@@ -13,6 +13,7 @@ from .batch import COUNTER_NAMES, Batch, per_example_cross_entropy
 from .composer_sb import ComposerSB
 from .infobatch import InfoBatch
 from .kath18 import Kath18
+from .losses import per_sequence_cross_entropy, token_counts
 from .policies import (
     ClampPolicy,
     PercentilePolicy,
@@ -44,6 +45,8 @@ __all__ = [
     "Traditional",
     "percentile_probabilities",
     "per_example_cross_entropy",
+    "per_sequence_cross_entropy",
+    "token_counts",
     "COUNTER_NAMES",
     "defaults",
 ]

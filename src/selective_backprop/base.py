@@ -375,7 +375,7 @@ class Selector:
         if self.example_weights is None:
             return weighted.mean()
         w: Tensor = self.example_weights(batch.targets).to(losses.dtype)
-        return (weighted * w).sum() / w.sum()
+        return (weighted * w).sum() / w.sum().clamp_min(torch.finfo(w.dtype).tiny)  # no weight at all: loss 0
 
 
 def _capped(values: list[int], first: int = 8) -> str:

@@ -1,8 +1,8 @@
 """The contract every selector keeps, checked for every strategy (``torch.optim``'s ``optim_db`` style).
 
 Each case below is one strategy of the library, configured so that every phase it has is exercised in a few
-epochs (priming and selection, Kath18's uniform and importance-sampling phases, Composer's active window,
-InfoBatch's pruning and annealing epochs). For every case:
+epochs (priming and selection, Kath18's uniform and importance-sampling phases and its falls back from one to the
+other, Composer's active window, InfoBatch's pruning and annealing epochs). For every case:
 
 * the global torch and numpy RNGs are untouched (a selector draws only from its own generator);
 * a ``state_dict`` round trip (through ``torch.save`` / ``torch.load(weights_only=True)``) mid-epoch continues
@@ -65,6 +65,10 @@ CASES = {
     "clamp": Case(lambda m: SelectiveBackprop(m, BATCH, policy=ClampPolicy(), seed=3)),
     # tau_th 0.3: importance sampling switches on within the first epoch (tau is an EMA from 0 of values >= 1)
     "kath18": Case(lambda m: Kath18(m, BATCH, presample=3, tau_th=0.3, seed=3), with_replacement=True),
+    # tau follows the last presample alone (tau_ema 0) around its threshold: it switches on and off 7 times, so
+    # presamples cut short fall back to uniform batches (the leftover path)
+    "kath18-switching": Case(lambda m: Kath18(m, BATCH, presample=3, tau_ema=0.0, tau_th=1.05, seed=3),
+                             with_replacement=True),  # fmt: skip
     "infobatch": Case(lambda m: InfoBatch(m, BATCH, epochs=EPOCHS, dataset_size=N, delta=0.75, seed=3)),
     "composer-sb": Case(
         lambda m: ComposerSB(m, BATCH, keep=0.5, epochs=EPOCHS, dataset_size=N, start=0.25, end=0.75, seed=3)

@@ -152,7 +152,7 @@ def assert_same_parameters(results: list[dict[str, Any]]) -> None:
 @pytest.fixture(scope="module")
 def healthy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     """The scenarios in which no rank fails, run in one launch of two ranks."""
-    scenarios = "ddp-None,ddp-2,history,starved,one-rank,kath18"
+    scenarios = "ddp-None,ddp-2,history,starved,one-rank,kath18,padding-bn"
     codes, outputs, results = launch(tmp_path_factory.mktemp("healthy"), scenarios)
     assert_ok(codes, outputs)
     return results
@@ -224,6 +224,27 @@ def test_kath18_switches_to_importance_sampling_in_lockstep(healthy):
     assert tau == pytest.approx(results[0]["tau"], rel=1e-12)
 
 
+def test_padding_batches_never_have_one_example(healthy):
+    """Rank 1 pads from a last loader batch of one example; its padding batches still have two rows (BatchNorm)."""
+    results = healthy["padding-bn"]
+    assert_same_parameters(results)
+    busy, idle = results
+    assert idle["padding"] == idle["steps"] > 0 and min(idle["sizes"]) == 2
+    assert busy["padding"] == 0 and min(busy["sizes"]) >= 2
+
+
+def test_ranks_out_of_step_are_named_on_every_rank(tmp_path):
+    """A rank with one loader batch more: both ranks raise CollectiveError saying where each was, none hangs."""
+    codes, outputs, results = launch(tmp_path, "out-of-step")
+    assert codes == [0, 0], outputs
+    for rank, res in enumerate(results["out-of-step"]):
+        error = res["error"]
+        assert f"the ranks fell out of step on rank {rank} of 2" in error, error
+        assert "rank 0 at collective" in error and "all_gather of the batch losses" in error
+        assert "rank 1 at collective" in error and "flush batch counts" in error
+        assert "same number of non-empty loader batches" in error
+
+
 def test_a_dead_rank_gives_a_clear_error_within_the_timeout(tmp_path):
     codes, outputs, results = launch(tmp_path, "dies")
     assert codes == [0, 3], outputs
@@ -286,6 +307,7 @@ def train(sb: SelectiveBackprop, model: nn.Module, loader: Any, epochs: int, die
     """The drop-in loop; ``die_at``: exit (code 3) when the loader reaches that batch of epoch 1."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     steps = padding = 0
+    sizes = []
     for epoch in range(epochs):
         for batch in sb.iterate(loader if die_at is None or epoch != 1 else dying(loader, die_at)):
             loss = batch.loss(model(batch.inputs))
@@ -293,7 +315,8 @@ def train(sb: SelectiveBackprop, model: nn.Module, loader: Any, epochs: int, die
             loss.backward()
             optimizer.step()
             steps, padding = steps + 1, padding + batch.padding
-    return {"steps": steps, "padding": padding}
+            sizes.append(len(batch))
+    return {"steps": steps, "padding": padding, "sizes": sizes}
 
 
 def scenario_ddp(rank: int, world: int, staleness: int | None) -> dict[str, Any]:
@@ -415,6 +438,36 @@ def scenario_stalls(rank: int, world: int) -> dict[str, Any]:
     return {"error": "no error"}
 
 
+def scenario_padding_bn(rank: int, world: int) -> dict[str, Any]:
+    """A BatchNorm model; each rank's shard of 17 examples ends in a loader batch of one, and rank 1 selects nothing,
+    so it pads every step from that one-example batch."""
+    ds = toy_dataset(17)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    policy = PercentilePolicy(beta=1.0) if rank == 0 else Zeros()
+    sb = SelectiveBackprop(ddp, batch_size=4, policy=policy, prime_epochs=0, distributed=True)
+    out = train(sb, ddp, ShardedLoader(ds, 8, rank=rank, world_size=world, seed=0), epochs=3)
+    # parameters only: each rank's BatchNorm statistics follow its own last batch (DDP broadcasts rank 0's before
+    # every forward)
+    return {**out, "params": {k: p.detach().clone() for k, p in model.named_parameters()}}
+
+
+def scenario_out_of_step(rank: int, world: int) -> dict[str, Any]:
+    """Rank 1's loader has one batch fewer than rank 0's: rank 0 offers a batch while rank 1 ends its epoch."""
+    from selective_backprop.distributed import CollectiveError
+
+    ds, model = toy_dataset(64), toy_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    sb = SelectiveBackprop(ddp, batch_size=4, beta=1, prime_epochs=0, distributed=True)
+    batches = list(ShardedLoader(ds, 8, rank=rank, world_size=world, seed=0))
+    try:
+        train(sb, ddp, batches if rank == 0 else batches[:-1], epochs=1)
+    except CollectiveError as err:
+        return {"error": str(err)}
+    return {"error": "no error: the ranks were not caught out of step"}
+
+
 def scenario_one_rank(rank: int, world: int) -> dict[str, Any]:
     """DDP and the selector on a process group of this rank alone, against the plain single-process selector."""
     import torch.distributed as dist
@@ -434,7 +487,8 @@ def scenario_one_rank(rank: int, world: int) -> dict[str, Any]:
 SCENARIOS = {"ddp-None": functools.partial(scenario_ddp, staleness=None),
              "ddp-2": functools.partial(scenario_ddp, staleness=2), "history": scenario_history,
              "starved": scenario_starved, "dies": scenario_dies, "stalls": scenario_stalls,
-             "one-rank": scenario_one_rank, "kath18": scenario_kath18}  # fmt: skip
+             "one-rank": scenario_one_rank, "kath18": scenario_kath18, "padding-bn": scenario_padding_bn,
+             "out-of-step": scenario_out_of_step}  # fmt: skip
 
 
 def worker(scenarios: str, rank: int, world: int, folder: Path) -> None:
