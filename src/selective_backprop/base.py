@@ -20,8 +20,9 @@ from . import defaults
 from .batch import COUNTER_NAMES, Batch, ForwardFn, LossFn, per_example_cross_entropy
 from .batching import as_tree, cut, default_forward, device_of, rows_of, take
 from .policies import check_losses
+from .precision import SCORE_PRECISIONS, downscale, scoring_autocast
 from .queue import BackpropQueue, Fields
-from .validation import check_callable, check_choice, check_int
+from .validation import check_callable, check_choice, check_int, check_number
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -48,6 +49,12 @@ class Selector:
         min_batch_size: a remainder smaller than this is never yielded at the end of an epoch: it is carried over
             into the next epoch (never lost; :meth:`flush` returns it at the very end). At most ``batch_size``.
             Default: ``min(2, batch_size)`` (a BatchNorm model cannot train on one example).
+        score_precision: the scoring forward's own autocast, independent of the training precision: ``"fp32"``
+            (autocast off), ``"bf16"`` or ``"fp16"``; ``None`` (default) inherits the caller's. A scoring forward
+            only ranks examples; check what a cheaper one costs in ranking with
+            :func:`selective_backprop.precision.scoring_fidelity`.
+        score_scale: downscale image inputs ``(N, C, H, W)`` by this factor for the scoring forward only
+            (Composer's ``scale_factor``), in ``(0, 1]``. Default: ``None`` (full size).
         score_mode: ``"eval"`` (default, as the authors: BatchNorm running statistics, no dropout) or
             ``"train"`` (BatchNorm batch statistics, which also updates the running statistics twice per step).
         nonfinite: ``"raise"`` (default) a ``ValueError`` naming the batch position of a NaN/inf scoring loss,
@@ -86,6 +93,8 @@ class Selector:
         forward: ForwardFn | None = None,
         example_weights: Callable[[Any], Tensor] | None = None,
         min_batch_size: int | None = None,
+        score_precision: Literal["fp32", "bf16", "fp16"] | None = None,
+        score_scale: float | None = None,
         score_mode: Literal["eval", "train"] = "eval",
         nonfinite: Literal["raise", "skip"] = "raise",
         flush: Literal["epoch", "never"] = "epoch",
@@ -110,6 +119,10 @@ class Selector:
         self.example_weights = None if example_weights is None else check_callable(
             "example_weights", example_weights, "(targets) -> per-example weights of shape (N,)")  # fmt: skip
         self.score_mode = check_choice("score_mode", score_mode, ("eval", "train"))
+        self.score_precision = None if score_precision is None else check_choice(
+            "score_precision", score_precision, SCORE_PRECISIONS)  # fmt: skip
+        self.score_scale = None if score_scale is None else check_number(
+            "score_scale", score_scale, 0.0, 1.0, low_open=True, fix="the factor images are downscaled by")  # fmt: skip
         self.nonfinite = check_choice("nonfinite", nonfinite, ("raise", "skip"))
         self.flush_mode = check_choice("flush", flush, ("epoch", "never"))
         self.seed = check_int("seed", seed, 0)
@@ -261,8 +274,8 @@ class Selector:
         if self.score_mode == "eval":
             self.model.eval()
         try:
-            with torch.no_grad():
-                outputs = self.forward(self.model, inputs)
+            with torch.no_grad(), scoring_autocast(self.score_precision, device_of(inputs)):
+                outputs = self.forward(self.model, downscale(inputs, self.score_scale))
                 losses = self._per_example(outputs, targets)
         finally:
             self.model.train(was_training)

@@ -122,8 +122,9 @@ class ComposerSB(Selector):
         loss_fn: per-example loss ``loss_fn(outputs, targets) -> (N,)``. Default: cross-entropy.
         score_mode: ``"eval"`` (default) or ``"train"`` (Composer's behaviour: BatchNorm batch statistics,
             running statistics updated twice per step, dropout active).
-        forward, min_batch_size, nonfinite, flush: see :class:`~selective_backprop.Selector`; with
-            ``nonfinite='skip'`` the kept fraction is drawn from the examples whose scoring loss is finite.
+        forward, min_batch_size, score_precision, score_scale, nonfinite, flush: see
+            :class:`~selective_backprop.Selector`; with ``nonfinite='skip'`` the kept fraction is drawn from the
+            examples whose scoring loss is finite.
         seed: seed of the selector's own ``torch.Generator`` (Composer uses numpy's global RNG).
 
     Example:
@@ -148,13 +149,18 @@ class ComposerSB(Selector):
         loss_fn: LossFn | None = None,
         forward: ForwardFn | None = None,
         min_batch_size: int | None = None,
+        score_precision: Literal["fp32", "bf16", "fp16"] | None = None,
+        score_scale: float | None = None,
         score_mode: Literal["eval", "train"] = "eval",
         nonfinite: Literal["raise", "skip"] = "raise",
         flush: Literal["epoch", "never"] = "epoch",
         seed: int = 0,
     ) -> None:
-        super().__init__(model, batch_size, loss_fn=loss_fn, forward=forward, min_batch_size=min_batch_size,
-                         score_mode=score_mode, nonfinite=nonfinite, flush=flush, seed=seed)  # fmt: skip
+        super().__init__(
+            model, batch_size, loss_fn=loss_fn, forward=forward, min_batch_size=min_batch_size,
+            score_precision=score_precision, score_scale=score_scale, score_mode=score_mode, nonfinite=nonfinite,
+            flush=flush, seed=seed,
+        )  # fmt: skip
         check_number("keep", keep, 0.0, 1.0, low_open=True, fix="the fraction of each batch to backpropagate")
         check_int("epochs", epochs, 1, "the training budget in epochs")
         check_int("dataset_size", dataset_size, 1, "pass len(train_set)")

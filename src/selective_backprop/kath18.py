@@ -93,7 +93,8 @@ class Kath18(Selector):
         loss_fn: per-example loss. Default: cross-entropy.
         tau_ema: EMA factor for ``tau``. Default: ``0.9``.
         tau_th: switch-on threshold; default ``(B + 3b) / (3b)``.
-        forward, min_batch_size, score_mode, nonfinite, flush, seed: see :class:`~selective_backprop.Selector`;
+        forward, min_batch_size, score_precision, score_scale, score_mode, nonfinite, flush, seed: see
+            :class:`~selective_backprop.Selector`;
             with ``nonfinite='skip'`` a presample example with a NaN/inf score is never drawn.
         distributed: ``True`` (default group) or a process group: ``tau`` from the scores of every rank, so the
             ranks switch to importance sampling together (see :mod:`selective_backprop.distributed`).
@@ -115,6 +116,8 @@ class Kath18(Selector):
         tau_th: float | None = None,
         forward: ForwardFn | None = None,
         min_batch_size: int | None = None,
+        score_precision: Literal["fp32", "bf16", "fp16"] | None = None,
+        score_scale: float | None = None,
         score_mode: Literal["eval", "train"] = "eval",
         nonfinite: Literal["raise", "skip"] = "raise",
         flush: Literal["epoch", "never"] = "epoch",
@@ -122,8 +125,9 @@ class Kath18(Selector):
         distributed: bool | ProcessGroup = False,
     ) -> None:
         super().__init__(
-            model, batch_size, loss_fn=loss_fn, forward=forward, min_batch_size=min_batch_size, score_mode=score_mode,
-            nonfinite=nonfinite, flush=flush, seed=seed, distributed=distributed,
+            model, batch_size, loss_fn=loss_fn, forward=forward, min_batch_size=min_batch_size,
+            score_precision=score_precision, score_scale=score_scale, score_mode=score_mode, nonfinite=nonfinite,
+            flush=flush, seed=seed, distributed=distributed,
         )  # fmt: skip
         self.presample = check_int("presample", presample, 1, "the presample is B = presample * batch_size")
         self.pool_size = presample * batch_size

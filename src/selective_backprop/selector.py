@@ -93,6 +93,8 @@ class SelectiveBackprop(Selector):
         forward: ForwardFn | None = None,
         example_weights: Callable[[Any], Tensor] | None = None,
         min_batch_size: int | None = None,
+        score_precision: Literal["fp32", "bf16", "fp16"] | None = None,
+        score_scale: float | None = None,
         score_mode: Literal["eval", "train"] = "eval",
         nonfinite: Literal["raise", "skip"] = "raise",
         flush: Literal["epoch", "never"] = "epoch",
@@ -101,8 +103,8 @@ class SelectiveBackprop(Selector):
     ) -> None:
         super().__init__(
             model, batch_size, loss_fn=loss_fn, forward=forward, example_weights=example_weights,
-            min_batch_size=min_batch_size, score_mode=score_mode, nonfinite=nonfinite, flush=flush, seed=seed,
-            distributed=distributed,
+            min_batch_size=min_batch_size, score_precision=score_precision, score_scale=score_scale,
+            score_mode=score_mode, nonfinite=nonfinite, flush=flush, seed=seed, distributed=distributed,
         )  # fmt: skip
         if isinstance(policy, type):
             raise TypeError(f"policy must be a Policy instance, got the class {policy.__name__}; pass "

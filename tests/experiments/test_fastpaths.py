@@ -8,7 +8,10 @@ import json
 import pytest
 import torch
 
+from selective_backprop.experiments import calibrate
+from selective_backprop.experiments.analysis import read_metrics
 from selective_backprop.experiments.config import TrainConfig
+from selective_backprop.experiments.data import DeviceLoader
 from selective_backprop.experiments.runfolder import read_checkpoint
 from selective_backprop.experiments.trainer import Trainer
 
@@ -31,16 +34,37 @@ def spy_forwards(model: torch.nn.Module) -> list[tuple[bool, bool, int, torch.dt
     return calls
 
 
-def test_bf16_autocast_covers_the_scoring_and_the_training_forward(tiny_fmnist, tmp_path):
-    trainer = Trainer(config(tiny_fmnist, amp="bf16", strategy="sb"), tmp_path / "bf16", progress=False)
+@pytest.mark.parametrize("score_precision", ["bf16", "fp32"])
+def test_the_scoring_forward_has_its_own_precision_whatever_the_training_one(tiny_fmnist, tmp_path, score_precision):
+    """--amp bf16 trains under bf16 autocast; --score-precision decides the scoring forward's, independently."""
+    cfg = config(tiny_fmnist, amp="bf16", strategy="sb", score_precision=score_precision)
+    trainer = Trainer(cfg, tmp_path / "bf16", progress=False)
     calls = spy_forwards(trainer.model)
     summary = trainer.run()
     training = [c for c in calls if c[0]]
     scoring = [c for c in calls if not c[0] and c[2] == 32]  # evaluation forwards use batches of 256 or fewer
     assert training and scoring
-    assert all(on and dtype == torch.bfloat16 for _, on, _, dtype in training + scoring)
+    assert all(on and dtype == torch.bfloat16 for _, on, _, dtype in training)
+    expected = (True, torch.bfloat16) if score_precision == "bf16" else (False, torch.float32)
+    assert all((on, dtype) == expected for _, on, _, dtype in scoring)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert summary["final_test_error"] < 0.5  # it learned (random guessing is 0.9)
+
+
+def test_auto_score_precision_is_measured_recorded_and_kept_on_resume(tiny_fmnist, tmp_path):
+    out = tmp_path / "auto"
+    cfg = config(tiny_fmnist, strategy="sb", epochs=2)
+    trainer = Trainer(cfg, out, progress=False)
+    env = json.loads((out / "environment.json").read_text())
+    trials = env["score_precision_trials"]
+    assert set(trials) == {"fp32", "bf16"} and env["score_precision"] in trials
+    assert trials["bf16"]["spearman"] > 0.9 and 0 <= trials["bf16"]["changed_share"] <= 1
+    assert trainer.selector.score_precision == env["score_precision"]
+    trainer.save_checkpoint()
+    env["score_precision"] = "bf16" if env["score_precision"] == "fp32" else "fp32"  # as if measured otherwise
+    (out / "environment.json").write_text(json.dumps(env))
+    resumed = Trainer(cfg, out, resume=True, progress=False)
+    assert resumed.selector.score_precision == env["score_precision"]  # the run's own choice, not re-measured
 
 
 def test_fp16_on_cpu_is_refused_with_the_alternative(tiny_fmnist, tmp_path):
@@ -54,7 +78,12 @@ def test_compiled_run_equals_the_eager_one_and_reports_compile_time_apart(tiny_f
     compiled_cfg = config(tiny_fmnist, strategy="stale-sb", staleness=2, compile="eager")  # dynamo, no C++ build
     compiled = Trainer(compiled_cfg, tmp_path / "compiled", progress=False).run()
     assert compiled["compile_s"] > 0 and plain["compile_s"] == 0
-    assert json.loads((tmp_path / "compiled" / "environment.json").read_text())["compile_s"] == compiled["compile_s"]
+    env = json.loads((tmp_path / "compiled" / "environment.json").read_text())
+    assert env["compile_s"] == compiled["compile_s"] and env["compiled_graphs"] > 0
+    # StaleSB scores only its stale examples (a different count every batch), flushes and the last leftover are
+    # smaller: after the warm-up nothing is compiled again
+    assert compiled["recompiles"] == 0 and {r["recompiles"] for r in read_metrics(tmp_path / "compiled")} == {0}
+    assert {r["recompiles"] for r in read_metrics(tmp_path / "plain")} == {0}
     a = read_checkpoint(tmp_path / "plain" / "checkpoint.pt")["model"]
     b = read_checkpoint(tmp_path / "compiled" / "checkpoint.pt")["model"]
     assert a.keys() == b.keys()  # the bare module's names, no "_orig_mod." prefix
@@ -103,3 +132,20 @@ def test_an_unreachable_target_time_says_why(tiny_fmnist, tmp_path):
         Trainer(config(tiny_fmnist, strategy="sb", target_time=0.01), tmp_path / "t", progress=False)
     with pytest.raises(ValueError, match="target_time needs sb or stale-sb"):
         TrainConfig(strategy="kath18", target_time=0.5)
+
+
+def test_after_the_warm_up_no_batch_size_of_the_run_compiles_anything(tiny_fmnist, tmp_path):
+    """Every batch a run can produce -- scoring 1..32 rows (StaleSB's stale subsets), training 2..32 (flushes), the
+    last leftover of one row trained in eval mode -- reuses a graph the warm-up built."""
+    trainer = Trainer(config(tiny_fmnist, strategy="stale-sb", compile="eager"), tmp_path / "run", progress=False)
+    parts = trainer.parts
+    before = calibrate.compiled_graphs()
+    x, y, _ = next(iter(DeviceLoader(parts.train_set, 32, seed=0)))
+    x = x.contiguous(memory_format=parts.memory_format)
+    for m in range(1, 33):
+        calibrate._score(parts, x[:m], y[:m])
+    for m in range(2, 33):
+        calibrate._step(parts, x[:m], y[:m])
+    parts.train_model.eval()
+    calibrate._step(parts, x[:1], y[:1])
+    assert calibrate.compiled_graphs() == before

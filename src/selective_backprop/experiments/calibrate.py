@@ -10,56 +10,76 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..precision import downscale, scoring_autocast
 from .data import DeviceLoader
 
 if TYPE_CHECKING:
     from .setup import RunParts
 
-__all__ = ["measure_costs", "compile_forwards", "beta_for_target_time", "beta_for_cost"]
+__all__ = ["measure_costs", "compile_forwards", "compiled_graphs", "beta_for_target_time", "beta_for_cost"]
 
 
-def _trial(parts: RunParts, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """Seconds of one scoring forward and one training step on ``(x, y)``, as the run does them."""
-    parts.sync()
-    t0 = time.perf_counter()
-    with parts.autocast(), torch.inference_mode():
+def _score(parts: RunParts, x: Tensor, y: Tensor) -> None:
+    """One scoring forward as the selector runs it: eval mode, no autograd, its precision (else the training one)."""
+    with parts.autocast(), scoring_autocast(parts.score_precision, parts.device), torch.no_grad():
         parts.scoring_model.eval()
-        F.cross_entropy(parts.scoring_model(x), y, reduction="none")
+        F.cross_entropy(parts.scoring_model(downscale(x, parts.config.score_scale)), y, reduction="none")
         parts.scoring_model.train()
-    parts.sync()
-    t1 = time.perf_counter()
+
+
+def _step(parts: RunParts, x: Tensor, y: Tensor) -> None:
+    """One training step as the trainer runs it (forward under the training autocast, backward, optimizer)."""
     with parts.autocast():
         loss = F.cross_entropy(parts.train_model(x), y)
     parts.optimizer.zero_grad(set_to_none=True)
     parts.scaler.scale(loss).backward()
     parts.scaler.step(parts.optimizer)
     parts.scaler.update()
+
+
+def _trial(parts: RunParts, x: Tensor, y: Tensor) -> tuple[float, float]:
+    """Seconds of one scoring forward and one training step on ``(x, y)``, as the run does them."""
+    parts.sync()
+    t0 = time.perf_counter()
+    _score(parts, x, y)
+    parts.sync()
+    t1 = time.perf_counter()
+    _step(parts, x, y)
     parts.sync()
     return t1 - t0, time.perf_counter() - t1
 
 
-def _trials(parts: RunParts, shapes: list[int], repeats: int) -> list[tuple[int, float, float]]:
-    """``(batch, forward s, step s)`` of ``repeats`` trials per batch size in ``shapes``; the model, optimizer,
-    scaler and RNGs are put back afterwards, so the run is the same as without trials."""
+@contextmanager
+def _undone(parts: RunParts, rows: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """A batch of ``rows`` training examples to try things on; afterwards the model, optimizer, scaler and RNGs are
+    put back, so the run is the same as without the trials."""
     saved = copy.deepcopy((parts.model.state_dict(), parts.optimizer.state_dict(), parts.scaler.state_dict()))
     rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    x, y, _ = next(iter(DeviceLoader(parts.train_set, max(shapes), seed=parts.config.seed + 7919)))
-    x = x.contiguous(memory_format=parts.memory_format)
-    out = [(m, *_trial(parts, x[:m], y[:m])) for m in shapes for _ in range(repeats)]
-    parts.model.load_state_dict(saved[0])
-    parts.optimizer.load_state_dict(saved[1])
-    parts.scaler.load_state_dict(saved[2])
-    parts.optimizer.zero_grad(set_to_none=True)
-    torch.set_rng_state(rng[0])
-    if rng[1] is not None:
-        torch.cuda.set_rng_state_all(rng[1])
-    return out
+    x, y, _ = next(iter(DeviceLoader(parts.train_set, rows, seed=parts.config.seed + 7919)))
+    try:
+        yield x.contiguous(memory_format=parts.memory_format), y
+    finally:
+        parts.model.load_state_dict(saved[0])
+        parts.optimizer.load_state_dict(saved[1])
+        parts.scaler.load_state_dict(saved[2])
+        parts.optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+
+
+def _trials(parts: RunParts, shapes: list[int], repeats: int) -> list[tuple[int, float, float]]:
+    """``(batch, forward s, step s)`` of ``repeats`` trials per batch size in ``shapes``, undone afterwards."""
+    with _undone(parts, max(shapes)) as (x, y):
+        return [(m, *_trial(parts, x[:m], y[:m])) for m in shapes for _ in range(repeats)]
 
 
 def measure_costs(parts: RunParts, repeats: int = 5, warmup: int = 1) -> tuple[float, float]:
@@ -74,14 +94,32 @@ def measure_costs(parts: RunParts, repeats: int = 5, warmup: int = 1) -> tuple[f
     return sum(fwd) / len(fwd), sum(step) / len(step)
 
 
-def compile_forwards(parts: RunParts) -> float:
-    """Compile both forwards and the backward before training; return the seconds it took.
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (``torch._dynamo`` counters)."""
+    from torch._dynamo.utils import counters
 
-    Two batch sizes per mode, so later odd-sized batches (the epoch's last, StaleSB's partial scoring
-    forwards, flushes) reuse a dynamic-shape graph instead of recompiling during training."""
+    return int(counters["stats"]["unique_graphs"])
+
+
+def compile_forwards(parts: RunParts) -> float:
+    """Compile every graph the run will need, before training; return the seconds it took (never training time).
+
+    The scoring forward at each of its bucket sizes (:class:`~.scoring.BucketPadded`), the training step at the
+    full and at the smallest batch (the training model has a dynamic batch dimension: flushes and remainders of
+    any size reuse it), and the run's very last step (BatchNorm in eval mode). After this, a run compiles nothing
+    more: its ``recompiles`` (graphs built during training) stay 0."""
     t = time.perf_counter()
-    b = min(parts.config.score_batch_size or parts.config.batch_size, len(parts.train_set))
-    _trials(parts, [b, max(2, b // 2)] if b > 2 else [b], repeats=1)
+    c = parts.config
+    b = min(c.batch_size, len(parts.train_set))
+    sizes = getattr(parts.scoring_model, "sizes", [min(c.score_batch_size or b, len(parts.train_set))])
+    with _undone(parts, max(*sizes, b)) as (x, y):
+        for m in sizes:
+            _score(parts, x[:m], y[:m])
+        for m in sorted({b, min(2, b)}):
+            _step(parts, x[:m], y[:m])
+        parts.train_model.eval()  # the last leftover examples of a run train with BatchNorm in eval mode
+        _step(parts, x[:1], y[:1])
+        parts.train_model.train()
     return time.perf_counter() - t
 
 

@@ -81,6 +81,11 @@ class TrainConfig:
     score_batch_size: int | None = _h(
         "examples per loader batch, i.e. per scoring forward (default: batch_size); training batches stay "
         "batch_size", default=None)  # fmt: skip
+    score_precision: str = _h(
+        "the scoring forward's own precision: auto (measured at start-up: the cheapest one both faster and ranking "
+        "like fp32, Spearman >= 0.99) | fp32 | bf16 | fp16", default="auto")  # fmt: skip
+    score_scale: float | None = _h("downscale images by this factor for the scoring forward only (Composer's "
+                                   "scale_factor), in (0, 1]", default=None)  # fmt: skip
     amp: str = _h("autocast for the scoring and training forwards: off | bf16 | fp16 (CUDA, with a gradient scaler)",
                   default="off")  # fmt: skip
     compile: str | None = _h("torch.compile the model with this backend (e.g. inductor); compile time is measured "
@@ -105,6 +110,9 @@ class TrainConfig:
             (self.nonfinite in ("raise", "skip"), "nonfinite must be raise or skip"),
             (self.dist_timeout > 0, "dist_timeout must be > 0 seconds"),
             (self.amp in ("off", "bf16", "fp16"), "amp must be off, bf16 or fp16"),
+            (self.score_precision in ("auto", "fp32", "bf16", "fp16"), "score_precision must be auto, fp32, bf16 or "
+             "fp16 (int8 is not offered: see selective_backprop.experiments.scoring)"),
+            (self.score_scale is None or 0 < self.score_scale <= 1, "score_scale must be a fraction in (0, 1]"),
             (self.score_batch_size is None or self.score_batch_size >= 1, "score_batch_size must be >= 1"),
             (self.target_time is None or self.strategy in _SB_FAMILY, "target_time needs sb or stale-sb"),
             (self.target_time is None or 0 < self.target_time <= 1, "target_time must be a fraction in (0, 1]"),

@@ -11,6 +11,7 @@ of the training set (:class:`~selective_backprop.experiments.data.ShardedLoader`
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import Selector
 from ..distributed import Collectives, init_distributed
-from . import calibrate
+from . import calibrate, scoring
 from . import data as sbdata
 from .checkpoints import has_checkpoint
 from .config import TrainConfig
@@ -74,7 +75,9 @@ class RunParts:
     selector: Selector = field(init=False)
     loader: sbdata.DeviceLoader = field(init=False)
     compile_s: float = 0.0  # seconds spent compiling before training (this process)
-    calibration: dict[str, float] = field(default_factory=dict)  # --target-time's measurements
+    calibration: dict[str, Any] = field(default_factory=dict)  # --target-time's and --score-precision auto's numbers
+    score_precision: str | None = None  # the scoring forward's precision, resolved (auto measured) at start-up
+    warm_graphs: int | None = None  # graphs torch.compile had built when the warm-up ended (None: not compiled)
 
     def autocast(self) -> AbstractContextManager[Any]:
         """The autocast context of both forwards (disabled with ``amp='off'``)."""
@@ -85,6 +88,10 @@ class RunParts:
         """Wait for the device (CUDA) so that host timers measure the work."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def recompiles(self) -> int:
+        """Graphs torch.compile built after the warm-up (during training): 0 is the goal; 0 without --compile."""
+        return 0 if self.warm_graphs is None else calibrate.compiled_graphs() - self.warm_graphs
 
     def barrier(self, what: str) -> None:
         if self.comm is not None:
@@ -137,9 +144,11 @@ def _networks(config: TrainConfig, train: sbdata.ArrayDataset, device: torch.dev
         ids = [device.index] if device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     scoring_model: nn.Module = model
-    if config.compile:
-        scoring_model = torch.compile(model, backend=config.compile)  # type: ignore[assignment]
-        train_model = scoring_model if comm is None else torch.compile(train_model, backend=config.compile)  # type: ignore[assignment]
+    if config.compile:  # scoring batches padded to a few bucket sizes; see calibrate.compile_forwards
+        compiled = torch.compile(model, backend=config.compile)
+        largest = min(config.score_batch_size or config.batch_size, len(train))
+        scoring_model = scoring.BucketPadded(compiled, scoring.bucket_sizes(largest))
+        train_model = compiled if comm is None else torch.compile(train_model, backend=config.compile)  # type: ignore[assignment]
     return {"model": model, "train_model": train_model, "scoring_model": scoring_model,
             "memory_format": memory_format}  # fmt: skip
 
@@ -174,15 +183,39 @@ def build_run(config: TrainConfig, out: Path, *, resume: bool, overwrite: bool) 
         autocast_dtype={"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp],
     )  # fmt: skip
     resuming = resume and has_checkpoint(out, rank, world_size, comm)
+    parts.score_precision = _score_precision(parts, resuming)
     if config.compile:
         parts.compile_s = calibrate.compile_forwards(parts)
+        parts.warm_graphs = calibrate.compiled_graphs()
+        parts.calibration["compiled_graphs"] = parts.warm_graphs
     beta = config.beta
     if config.target_time is not None and not resuming:  # resumed: beta comes back with the policy's state
-        beta, parts.calibration = calibrate.beta_for_target_time(parts)
-    parts.selector = build_selector(config, parts.scoring_model, len(parts.train_set), beta=beta,
+        beta, found = calibrate.beta_for_target_time(parts)
+        parts.calibration.update(found)
+    scoring = dataclasses.replace(config, score_precision=parts.score_precision or "fp32")
+    parts.selector = build_selector(scoring, parts.scoring_model, len(parts.train_set), beta=beta,
                                     distributed=comm is not None)  # fmt: skip
     parts.loader = _loader(parts)
     return parts, resuming
+
+
+def _score_precision(parts: RunParts, resuming: bool) -> str | None:
+    """The scoring forward's precision: as configured, or ``auto`` measured now (:mod:`.scoring`; rank 0's choice
+    under torchrun) -- or, resumed, the choice the run made at its start (from ``environment.json``)."""
+    c = parts.config
+    if not STRATEGIES[c.strategy].scores:
+        return None
+    if c.score_precision != "auto":
+        return c.score_precision
+    env = parts.out / "environment.json"
+    if resuming and env.exists():
+        return json.loads(env.read_text()).get("score_precision", "fp32")  # type: ignore[no-any-return]
+    choice, report = scoring.calibrate_precision(parts)
+    if parts.comm is not None:
+        choice = parts.comm.all_gather_object(choice, "all_gather of the score precisions")[0]
+        report["score_precision"] = choice
+    parts.calibration.update(report)
+    return choice
 
 
 def _loader(parts: RunParts) -> sbdata.DeviceLoader:

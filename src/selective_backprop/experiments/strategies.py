@@ -46,6 +46,7 @@ class Strategy:
         knob_value: ``S -> value`` of ``knob`` making the strategy backprop about a fraction ``S``.
         uses_beta: ``compare --betas`` sweeps it over beta.
         distributed: it runs under torchrun (global selection); ``False`` refuses it there.
+        scores: it runs a scoring forward (so ``--score-precision`` and ``--score-scale`` apply).
     """
 
     build: Builder
@@ -54,6 +55,7 @@ class Strategy:
     knob_value: Callable[[float], Any] | None = None
     uses_beta: bool = False
     distributed: bool = True
+    scores: bool = True
 
 
 FAMILIES = ("traditional", "sb", "kath18", "random", "bad idea", "peer")
@@ -66,11 +68,17 @@ def _policy_sb(make_policy: Callable[[TrainConfig, float], Policy], staleness: b
     def build(model: nn.Module, n: int, c: TrainConfig, beta: float, distributed: bool) -> Selector:
         return SelectiveBackprop(
             model, batch_size=c.batch_size, policy=make_policy(c, beta), staleness=c.staleness if staleness else None,
-            dataset_size=n, prime_epochs=c.prime_epochs, score_mode=c.score_mode,  # type: ignore[arg-type]
-            nonfinite=c.nonfinite, seed=c.seed, distributed=distributed,  # type: ignore[arg-type]
+            dataset_size=n, prime_epochs=c.prime_epochs, nonfinite=c.nonfinite,  # type: ignore[arg-type]
+            seed=c.seed, distributed=distributed, **_scoring(c),
         )  # fmt: skip
 
     return build
+
+
+def _scoring(c: TrainConfig) -> dict[str, Any]:
+    """How a strategy's scoring forward runs: mode, precision (``auto`` unresolved: the caller's autocast), scale."""
+    precision = None if c.score_precision == "auto" else c.score_precision
+    return {"score_mode": c.score_mode, "score_precision": precision, "score_scale": c.score_scale}
 
 
 def _percentile(c: TrainConfig, beta: float) -> Policy:
@@ -89,13 +97,14 @@ STRATEGIES: dict[str, Strategy] = {
             m, batch_size=c.batch_size, policy=Traditional(), prime_epochs=0, seed=c.seed, distributed=dist
         ),
         family="traditional",
+        scores=False,
     ),
     "sb": Strategy(_policy_sb(_percentile), "sb", "beta", _beta_for, uses_beta=True),
     "stale-sb": Strategy(_policy_sb(_percentile, staleness=True), "sb", "beta", _beta_for, uses_beta=True),
     "kath18": Strategy(
         lambda m, n, c, beta, dist: Kath18(
             m, batch_size=c.batch_size, presample=c.presample, score=c.kath_score,  # type: ignore[arg-type]
-            score_mode=c.score_mode, nonfinite=c.nonfinite, seed=c.seed, distributed=dist,  # type: ignore[arg-type]
+            nonfinite=c.nonfinite, seed=c.seed, distributed=dist, **_scoring(c),  # type: ignore[arg-type]
         ),  # fmt: skip
         family="kath18",
         knob="presample",
@@ -107,6 +116,7 @@ STRATEGIES: dict[str, Strategy] = {
         knob="rate",
         knob_value=lambda fraction: fraction,
         uses_beta=True,
+        scores=False,
     ),
     "threshold": Strategy(_policy_sb(lambda c, beta: ThresholdPolicy(c.threshold)), family="bad idea"),
     "clamp": Strategy(_policy_sb(lambda c, beta: ClampPolicy()), family="bad idea"),
@@ -117,12 +127,13 @@ STRATEGIES: dict[str, Strategy] = {
         ),  # fmt: skip
         family="peer",
         distributed=False,
+        scores=False,
     ),
     "composer-sb": Strategy(
         lambda m, n, c, beta, dist: ComposerSB(
             m, batch_size=c.batch_size, keep=c.keep, epochs=c.epochs, dataset_size=n, start=c.composer_start,
-            end=c.composer_end, interrupt=c.composer_interrupt, score_mode=c.score_mode,  # type: ignore[arg-type]
-            nonfinite=c.nonfinite, seed=c.seed,  # type: ignore[arg-type]
+            end=c.composer_end, interrupt=c.composer_interrupt, nonfinite=c.nonfinite,  # type: ignore[arg-type]
+            seed=c.seed, **_scoring(c),
         ),  # fmt: skip
         family="peer",
         knob="keep",

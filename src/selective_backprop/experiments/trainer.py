@@ -243,8 +243,8 @@ class Trainer:
         """Evaluate and append a row to ``metrics.jsonl`` (rank 0); counts are sums over ranks, times rank 0's."""
         error, test_loss = self.evaluate()
         counts = self.meters.row(self.selector.counters, self.parts.comm)
-        row = {"epoch": self.epoch + self.batches_done / max(1, len(self.loader)), **counts,
-               "compile_s": self.parts.compile_s, "test_error": error, "test_loss": test_loss,
+        row = {"epoch": self.epoch + self.batches_done / max(1, len(self.loader)), **counts, "compile_s":
+               self.parts.compile_s, "recompiles": self.parts.recompiles(), "test_error": error, "test_loss": test_loss,
                "lr": lr_at(self.config, self._progress())}  # fmt: skip
         if self.rank == 0:
             runfolder.append_row(self.out, row)
@@ -289,9 +289,9 @@ class Trainer:
         last = self.last_row or runfolder.last_row(self.out)  # resumed after the last checkpoint: row on disk
         summary = {
             "strategy": self.config.strategy, "final_test_error": last["test_error"],
-            "wall_train_s": last["wall_train_s"], "compile_s": p.compile_s, "backprops": last["backprops"],
-            "selection_forwards": last["selection_forwards"], "examples_seen": last["examples_seen"],
-            "epochs": self.epoch, "label_noise_examples": len(p.noisy_indices),
+            "wall_train_s": last["wall_train_s"], "compile_s": p.compile_s, "recompiles": p.recompiles(),
+            "backprops": last["backprops"], "selection_forwards": last["selection_forwards"],
+            "examples_seen": last["examples_seen"], "epochs": self.epoch, "label_noise_examples": len(p.noisy_indices),
         }  # fmt: skip
         if self.rank == 0:
             np.save(self.out / "selection_counts.npy", counts.cpu().numpy())
