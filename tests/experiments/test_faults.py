@@ -422,7 +422,7 @@ def test_cli_exits_3_when_training_diverges(tiny_fmnist, tmp_path, capsys):
 
 
 def test_nonfinite_option_is_checked():
-    with pytest.raises(ValueError, match="nonfinite must be raise or skip"):
+    with pytest.raises(ValueError, match="--nonfinite must be one of raise, skip, got 'ignore'"):
         TrainConfig(nonfinite="ignore")
 
 
