@@ -421,6 +421,13 @@ def test_cli_exits_3_when_training_diverges(tiny_fmnist, tmp_path, capsys):
     assert rc == 3 and "training diverged" in err and "step" in err and "--nonfinite skip" in err
 
 
+def test_a_message_listing_dataset_indices_shows_the_first_eight_and_how_many_more():
+    e = TrainingDiverged("non-finite training loss", 3, 0, 2, list(range(1000, 1100)), None)
+    assert "at dataset indices [1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007] and 92 more at step 3" in str(e)
+    assert "1008" not in str(e) and len(str(e)) < 400 and e.indices == list(range(1000, 1100))
+    assert "dataset indices [5, 9] at step" in str(TrainingDiverged("x", 1, 0, 1, [5, 9], None))
+
+
 def test_nonfinite_option_is_checked():
     with pytest.raises(ValueError, match="--nonfinite must be one of raise, skip, got 'ignore'"):
         TrainConfig(nonfinite="ignore")

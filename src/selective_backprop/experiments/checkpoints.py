@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..distributed import Collectives
-from .errors import CheckpointError
+from .errors import CheckpointError, capped
 from .runfolder import read_checkpoint
 
 __all__ = ["CHECKPOINT", "PREVIOUS_CHECKPOINT", "MAY_CHANGE_ON_RESUME", "checkpoint_paths", "has_checkpoint",
@@ -47,7 +47,7 @@ def has_checkpoint(out: Path, rank: int, world_size: int, comm: Collectives | No
     found = mine if comm is None else comm.all_gather_object(mine, "all_gather of 'has a checkpoint'")
     if isinstance(found, list) and len(set(found)) > 1:
         missing = [r for r, has in enumerate(found) if not has]
-        raise CheckpointError(f"cannot resume {out}: ranks {missing} have no checkpoint; start it again with "
+        raise CheckpointError(f"cannot resume {out}: ranks {capped(missing)} have no checkpoint; start it again with "
                               "--overwrite")  # fmt: skip
     return mine
 
@@ -75,7 +75,7 @@ def read_latest(
         common = sorted(set.intersection(*(set(p) for p in everyone)), reverse=True)
         if common:
             return next(item for item, position in zip(usable, positions, strict=True) if position == common[0])
-        problems.append(f"no (epoch, batch) position has a usable checkpoint on every rank: {everyone}")
+        problems.append(f"no (epoch, batch) position has a usable checkpoint on every rank: {capped(everyone)}")
     raise CheckpointError(
         f"cannot resume {out}: no usable checkpoint ({'; '.join(problems)}); start it again with --overwrite"
     )

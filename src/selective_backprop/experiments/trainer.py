@@ -41,6 +41,7 @@ from .errors import (
     Interrupted,
     RunExistsError,
     TrainingDiverged,
+    capped,
     nonfinite_indices,
     nonfinite_parameters,
 )
@@ -162,7 +163,7 @@ class Trainer:
         """Refuse to log or checkpoint a model whose parameters are no longer finite."""
         bad = nonfinite_parameters(self.model)
         if bad:
-            raise self._diverged(f"non-finite parameters {bad[:3]}{' ...' if len(bad) > 3 else ''}", None)
+            raise self._diverged(f"non-finite parameters {capped(bad, 3)}", None)
 
     def _timed(self, key: str, start: float) -> None:
         self.parts.sync()
