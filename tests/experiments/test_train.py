@@ -86,6 +86,17 @@ def test_missing_dataset_gives_one_clear_message(tmp_path, monkeypatch, capsys):
     assert "apt-get install dataset-fashion-mnist" in err and "--download" in err
 
 
+def test_a_data_dir_that_does_not_exist_exits_2_before_the_run_folder_is_made(tiny_fmnist, tmp_path, monkeypatch,
+                                                                              capsys):  # fmt: skip
+    monkeypatch.setenv("SB_DATA_DIR", str(tiny_fmnist))  # a copy elsewhere: never used instead of the named folder
+    out, missing = tmp_path / "r", tmp_path / "no-such-folder"
+    rc = main(["train", "--data-dir", str(missing), "--out", str(out), "--train-limit", "64", "--test-limit", "64",
+               *FAST])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--data-dir {missing} does not exist" in err and f"into {missing}" in err
+    assert "train-images-idx3-ubyte.gz" in err and not out.exists()
+
+
 def _parameters(model):
     return [p.detach().clone() for p in model.state_dict().values()]
 

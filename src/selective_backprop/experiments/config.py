@@ -88,7 +88,8 @@ class TrainConfig:
                              "before training and reported as compile_s, apart from training time",
                              default=None)  # fmt: skip
     threads: int | None = _h("torch CPU threads (default: torch's choice)", default=None)
-    data_dir: str | None = _h("folder with the dataset's official files", default=None)
+    data_dir: str | None = _h("folder with the dataset's official files, the only one searched (--download fills it)",
+                              default=None)  # fmt: skip
     download: bool = _h("download the dataset if it is not found", default=False)
     nonfinite: str = _h("on a NaN/inf loss: raise (stop, exit code 3) | skip (drop that optimizer step)",
                         default="raise")  # fmt: skip
