@@ -270,7 +270,7 @@ class Trainer:
                 self._check_parameters()
                 row = self._log()
                 self.save_checkpoint()
-                if not self.progress and self.rank == 0:
+                if self.rank == 0 and not progress.shows_bar(self.progress):  # quiet, or no terminal for a bar
                     print(progress.epoch_line(c.strategy, c.epochs, row), flush=True)
         finally:
             for s, h in handlers.items():
@@ -296,7 +296,7 @@ class Trainer:
             np.save(self.out / "selection_counts.npy", counts.cpu().numpy())
             np.save(self.out / "train_confidence.npy", train_confidence(p).cpu().numpy())
             runfolder.write_json(self.out / "final.json", summary)
-        if self.progress:
+        if progress.shows_bar(self.progress):  # the bars are gone: the last epoch's line stays on the terminal
             print(progress.epoch_line(self.config.strategy, self.config.epochs, last), flush=True)
         return summary
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 import tempfile
 import urllib.request
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..progress import shows_bar
 from .dataset import ArrayDataset, Split
 from .readers import _CIFAR_LAYOUT, read_cifar, read_fashion_mnist, read_svhn
 
@@ -25,7 +27,7 @@ def download(url: str, dest: str | os.PathLike[str], md5: str) -> None:
 
     The bytes go to a temporary file next to ``dest``, which is renamed onto ``dest`` (``os.replace``) after
     the checksum matches and deleted otherwise, so ``dest`` is either absent or complete and verified. Shows a
-    tqdm progress bar when tqdm is installed.
+    tqdm progress bar when tqdm is installed and stderr is a terminal; otherwise prints one line to stderr.
 
     Args:
         url: anything ``urllib.request.urlopen`` accepts (``https://``, ``file://``).
@@ -44,12 +46,16 @@ def download(url: str, dest: str | os.PathLike[str], md5: str) -> None:
         digest = hashlib.md5(usedforsecurity=False)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            try:
-                from tqdm import tqdm
+            bar: Any = None
+            if not shows_bar(True):  # a log, not a terminal: one line instead of a \r update per megabyte
+                print(f"downloading {url} to {dest}", file=sys.stderr, flush=True)
+            else:
+                try:
+                    from tqdm import tqdm
 
-                bar: Any = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False)
-            except ImportError:
-                bar = None
+                    bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False)
+                except ImportError:
+                    pass
             try:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
