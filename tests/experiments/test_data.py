@@ -791,7 +791,7 @@ class TestDeviceLoader:
         expected = epoch(original)
         restored = DeviceLoader(tiny_dataset(), 8, augment=augment, seed=123)
         buffer.seek(0)
-        restored.load_state_dict(torch.load(buffer))
+        restored.load_state_dict(torch.load(buffer, weights_only=True))
         assert restored.epoch == 1
         assert same_epochs(epoch(restored), expected)
         assert same_epochs(epoch(restored), epoch(original))

@@ -139,11 +139,21 @@ def test_no_usable_checkpoint_is_a_clear_error_naming_both_files(run, tiny_fmnis
     assert rc == 2 and "checkpoint.prev.pt" in err and "no usable checkpoint" in err
 
 
-# ----- files from someone else: reading a run folder runs no code from it ---------------------------------------
 RESUME_ARGS = ["--quiet", "--strategy", "sb", "--epochs", "3", "--batch-size", "32", "--beta", "1", "--seed", "1",
                "--threads", "1"]  # the config of `finished`  # fmt: skip
 
 
+def test_resume_with_a_changed_setting_names_the_flag_and_both_values(run, tiny_fmnist, capsys):
+    rc = main(["train", "--data-dir", str(tiny_fmnist), "--out", str(run), "--resume", *RESUME_ARGS, "--lr", "0.1",
+               "--lr-milestones", "0.6"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and f"cannot resume {run}: the config differs from the checkpoint's: " in err
+    assert "--lr 0.05 in the checkpoint, 0.1 now" in err
+    assert "--lr-milestones 0.5,0.75 in the checkpoint, 0.6 now" in err
+    assert "--overwrite" in err and err.count("\n") == 1
+
+
+# ----- files from someone else: reading a run folder runs no code from it ---------------------------------------
 class WritesAMarker:
     """Unpickling this calls ``os.system("touch <marker>")``: what a crafted checkpoint would do on --resume."""
 

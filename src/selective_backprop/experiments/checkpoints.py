@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from ..distributed import Collectives
-from .errors import CheckpointError, capped
+from .errors import SHOWN, CheckpointError, capped
+from .options import flag, shown
 from .runfolder import read_checkpoint
 
 __all__ = ["CHECKPOINT", "PREVIOUS_CHECKPOINT", "MAY_CHANGE_ON_RESUME", "checkpoint_paths", "has_checkpoint",
@@ -91,4 +92,8 @@ def check_compatible(state: dict[str, Any], path: Path, config: dict[str, Any], 
     ours = {k: v for k, v in config.items() if k in saved}
     if json.loads(json.dumps(saved)) != json.loads(json.dumps(ours)):
         diff = sorted(k for k in saved if json.dumps(saved[k]) != json.dumps(ours.get(k)))
-        raise ValueError(f"cannot resume {path.parent}: the config differs from the checkpoint's in {diff}")
+        changes = [f"{flag(k)} {shown(saved[k])} in the checkpoint, {shown(ours.get(k))} now" for k in diff]
+        more = f"; and {len(changes) - SHOWN} more" if len(changes) > SHOWN else ""
+        raise ValueError(f"cannot resume {path.parent}: the config differs from the checkpoint's: "
+                         f"{'; '.join(changes[:SHOWN])}{more}. Resume with the checkpoint's values, or start "
+                         "afresh with --overwrite")  # fmt: skip
