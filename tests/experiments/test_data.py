@@ -487,11 +487,40 @@ class TestLoadDataset:
 
     def test_missing_fashion_mnist_explains_both_ways(self, isolated):
         with pytest.raises(FileNotFoundError) as info:
-            load_dataset("fashion-mnist", data_dir=isolated / "d")
+            load_dataset("fashion-mnist")
         message = str(info.value)
         assert "sudo apt-get install dataset-fashion-mnist" in message and "--download" in message
-        for folder in (isolated / "d", isolated / "system", isolated / "cache" / "selective_backprop"):
+        for folder in (isolated / "system", isolated / "cache" / "selective_backprop" / "fashion-mnist"):
             assert str(folder) in message
+
+    @pytest.mark.parametrize("how", ["argument", "env"])
+    def test_a_named_folder_that_does_not_exist_is_refused_not_replaced(self, isolated, monkeypatch, how):
+        write_fashion_mnist(isolated / "system")  # another copy is there: it must not be used instead
+        write_fashion_mnist(isolated / "cache" / "selective_backprop" / "fashion-mnist")
+        missing = isolated / "no" / "such" / "folder"
+        if how == "env":
+            monkeypatch.setenv("SB_DATA_DIR", str(missing))
+        with pytest.raises(FileNotFoundError) as info:
+            load_dataset("fashion-mnist", data_dir=missing if how == "argument" else None)
+        message = str(info.value)
+        named = "--data-dir" if how == "argument" else "$SB_DATA_DIR"
+        assert message.startswith(f"{named} {missing} does not exist.")
+        assert "train-images-idx3-ubyte.gz + train-labels-idx1-ubyte.gz" in message
+        assert f"--download (download=True) to download the official files into {missing}" in message
+        assert str(isolated / "system") not in message.split("To get them")[0]
+
+    def test_a_named_folder_without_the_files_says_which_are_missing(self, isolated):
+        write_fashion_mnist(isolated / "system")
+        write_fashion_mnist(isolated / "d")
+        (isolated / "d" / "t10k-labels-idx1-ubyte.gz").unlink()
+        with pytest.raises(FileNotFoundError) as info:
+            load_dataset("fashion-mnist", data_dir=isolated / "d")
+        assert str(info.value).startswith(f"--data-dir {isolated / 'd'} does not hold fashion-mnist: "
+                                          f"{isolated / 'd'} lacks t10k-labels-idx1-ubyte.gz.")  # fmt: skip
+        (isolated / "e").mkdir()
+        with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz") as info:
+            load_dataset("cifar10", data_dir=isolated / "e")
+        assert "does not hold cifar10" in str(info.value) and "apt-get" not in str(info.value)
 
     def test_missing_cifar_explains_both_ways(self, isolated):
         with pytest.raises(FileNotFoundError) as info:
@@ -522,6 +551,7 @@ class TestLoadDataset:
         assert torch.equal(again.images, train.images)
 
     def test_download_into_data_dir(self, isolated):
+        write_fashion_mnist(isolated / "system")  # a copy elsewhere does not stop the download into data_dir
         write_fashion_mnist(isolated / "mirror")
         calls: list = []
         load_dataset(
@@ -532,6 +562,7 @@ class TestLoadDataset:
         )
         assert [c[1] for c in calls] == [isolated / "d" / f.filename for f in DATASETS["fashion-mnist"].files]
         assert [c[2] for c in calls] == [f.md5 for f in DATASETS["fashion-mnist"].files]
+        assert load_dataset("fashion-mnist", isolated / "d")[0].images.shape == (6, 1, 28, 28)  # now found there
 
     def test_corrupt_file_propagates_path(self, isolated):
         write_fashion_mnist(isolated / "d")
@@ -760,7 +791,7 @@ class TestDeviceLoader:
         expected = epoch(original)
         restored = DeviceLoader(tiny_dataset(), 8, augment=augment, seed=123)
         buffer.seek(0)
-        restored.load_state_dict(torch.load(buffer))
+        restored.load_state_dict(torch.load(buffer, weights_only=True))
         assert restored.epoch == 1
         assert same_epochs(epoch(restored), expected)
         assert same_epochs(epoch(restored), epoch(original))

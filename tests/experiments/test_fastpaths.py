@@ -128,9 +128,9 @@ def test_target_time_picks_beta_from_the_measured_costs_and_leaves_the_run_untou
 
 
 def test_an_unreachable_target_time_says_why(tiny_fmnist, tmp_path):
-    with pytest.raises(ValueError, match=r"target_time 0.01 is not reachable: the scoring forwards alone cost"):
+    with pytest.raises(ValueError, match=r"--target-time 0.01 is not reachable: the scoring forwards alone cost"):
         Trainer(config(tiny_fmnist, strategy="sb", target_time=0.01), tmp_path / "t", progress=False)
-    with pytest.raises(ValueError, match="target_time needs sb or stale-sb"):
+    with pytest.raises(ValueError, match="--target-time needs --strategy sb or stale-sb"):
         TrainConfig(strategy="kath18", target_time=0.5)
 
 

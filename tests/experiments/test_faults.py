@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import gzip
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -22,6 +24,7 @@ from selective_backprop.experiments.analysis import read_metrics
 from selective_backprop.experiments.cli import main
 from selective_backprop.experiments.config import TrainConfig
 from selective_backprop.experiments.errors import CheckpointError, TrainingDiverged
+from selective_backprop.experiments.report import load_runs
 from selective_backprop.experiments.runfolder import read_checkpoint, write_atomic
 from selective_backprop.experiments.trainer import Trainer
 
@@ -134,6 +137,86 @@ def test_no_usable_checkpoint_is_a_clear_error_naming_both_files(run, tiny_fmnis
                "--epochs", "3", "--batch-size", "32", "--beta", "1", "--seed", "1", "--threads", "1"])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "checkpoint.prev.pt" in err and "no usable checkpoint" in err
+
+
+RESUME_ARGS = ["--quiet", "--strategy", "sb", "--epochs", "3", "--batch-size", "32", "--beta", "1", "--seed", "1",
+               "--threads", "1"]  # the config of `finished`  # fmt: skip
+
+
+def test_resume_with_a_changed_setting_names_the_flag_and_both_values(run, tiny_fmnist, capsys):
+    rc = main(["train", "--data-dir", str(tiny_fmnist), "--out", str(run), "--resume", *RESUME_ARGS, "--lr", "0.1",
+               "--lr-milestones", "0.6"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and f"cannot resume {run}: the config differs from the checkpoint's: " in err
+    assert "--lr 0.05 in the checkpoint, 0.1 now" in err
+    assert "--lr-milestones 0.5,0.75 in the checkpoint, 0.6 now" in err
+    assert "--overwrite" in err and err.count("\n") == 1
+
+
+# ----- files from someone else: reading a run folder runs no code from it ---------------------------------------
+class WritesAMarker:
+    """Unpickling this calls ``os.system("touch <marker>")``: what a crafted checkpoint would do on --resume."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def write_crafted_checkpoint(path: Path, marker: Path) -> None:
+    """A valid envelope (format 1, the right SHA-256) around a payload holding :class:`WritesAMarker`: only the
+    check of the payload itself can stop it."""
+    buffer = io.BytesIO()
+    torch.save({"epoch": 3, "batches_done": 0, "metrics_rows": 4, "model": WritesAMarker(marker)}, buffer)
+    payload = buffer.getvalue()
+    envelope = {"format": 1, "sha256": hashlib.sha256(payload).hexdigest(), "epoch": 3, "batches_done": 0,
+                "metrics_rows": 4, "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}  # fmt: skip
+    torch.save(envelope, path)
+
+
+def test_read_checkpoint_refuses_a_payload_that_would_run_code(tmp_path):
+    path, marker = tmp_path / "checkpoint.pt", tmp_path / "marker"
+    write_crafted_checkpoint(path, marker)
+    with pytest.raises(CheckpointError, match="refused to load") as info:
+        read_checkpoint(path)
+    assert str(path) in str(info.value) and "posix.system" in str(info.value)
+    assert "\n" not in str(info.value)  # one line, not torch's advice to retry with weights_only=False
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("previous", ["missing", "good"])
+def test_resume_refuses_a_crafted_checkpoint_through_the_cli(previous, run, tiny_fmnist, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    write_crafted_checkpoint(run / "checkpoint.pt", marker)
+    if previous == "missing":
+        (run / "checkpoint.prev.pt").unlink()
+    rc = main(["train", "--data-dir", str(tiny_fmnist), "--out", str(run), "--resume", *RESUME_ARGS])
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert f"{run / 'checkpoint.pt'}: refused to load" in err
+    if previous == "missing":
+        assert rc == 2 and "no usable checkpoint" in err
+    else:  # warned about, then resumed from the previous checkpoint (epoch 2) and finished
+        assert rc == 0 and "resuming from the previous checkpoint" in err
+        assert read_checkpoint(run / "checkpoint.pt")["epoch"] == 3
+
+
+def test_every_checkpoint_the_trainer_writes_loads_with_weights_only(run):
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):  # no allowlist: tensors and plain values only
+        envelope = torch.load(run / name, weights_only=True)
+        state = torch.load(io.BytesIO(envelope["payload"].numpy().tobytes()), weights_only=True)
+        assert {"model", "optimizer", "selector", "loader", "torch_rng", "scaler"} <= set(state)
+
+
+def test_the_report_refuses_a_npy_holding_pickled_objects(run, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    np.save(run / "selection_counts.npy", np.array([WritesAMarker(marker)], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="not a plain numeric .npy array") as info:
+        load_runs(run)[0].array("selection_counts")
+    assert str(run / "selection_counts.npy") in str(info.value) and not marker.exists()
+    assert main(["report", str(run), "--no-images"]) == 2
+    assert str(run / "selection_counts.npy") in capsys.readouterr().err and not marker.exists()
 
 
 # ----- failed writes ------------------------------------------------------------------------------------------
@@ -348,8 +431,15 @@ def test_cli_exits_3_when_training_diverges(tiny_fmnist, tmp_path, capsys):
     assert rc == 3 and "training diverged" in err and "step" in err and "--nonfinite skip" in err
 
 
+def test_a_message_listing_dataset_indices_shows_the_first_eight_and_how_many_more():
+    e = TrainingDiverged("non-finite training loss", 3, 0, 2, list(range(1000, 1100)), None)
+    assert "at dataset indices [1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007] and 92 more at step 3" in str(e)
+    assert "1008" not in str(e) and len(str(e)) < 400 and e.indices == list(range(1000, 1100))
+    assert "dataset indices [5, 9] at step" in str(TrainingDiverged("x", 1, 0, 1, [5, 9], None))
+
+
 def test_nonfinite_option_is_checked():
-    with pytest.raises(ValueError, match="nonfinite must be raise or skip"):
+    with pytest.raises(ValueError, match="--nonfinite must be one of raise, skip, got 'ignore'"):
         TrainConfig(nonfinite="ignore")
 
 

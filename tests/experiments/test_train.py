@@ -20,6 +20,7 @@ from selective_backprop.experiments.analysis import crossing, read_metrics, spee
 from selective_backprop.experiments.cli import main
 from selective_backprop.experiments.config import TrainConfig, lr_at
 from selective_backprop.experiments.errors import Interrupted
+from selective_backprop.experiments.runfolder import read_checkpoint
 from selective_backprop.experiments.strategies import STRATEGIES
 from selective_backprop.experiments.trainer import Trainer
 
@@ -50,6 +51,7 @@ def test_every_strategy_trains_end_to_end_through_the_cli(strategy, tiny_fmnist,
     final = json.loads((out / "final.json").read_text())
     assert final["final_test_error"] == last["test_error"]
     assert json.loads((out / "config.json").read_text())["strategy"] == strategy
+    assert read_checkpoint(out / "checkpoint.pt")["epoch"] == 3  # every strategy's state loads with weights_only
     assert "torch" in json.loads((out / "environment.json").read_text())
     if strategy == "traditional":
         assert last["selection_forwards"] == 0 and last["backprops"] == 3 * 512
@@ -82,6 +84,17 @@ def test_missing_dataset_gives_one_clear_message(tmp_path, monkeypatch, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "apt-get install dataset-fashion-mnist" in err and "--download" in err
+
+
+def test_a_data_dir_that_does_not_exist_exits_2_before_the_run_folder_is_made(tiny_fmnist, tmp_path, monkeypatch,
+                                                                              capsys):  # fmt: skip
+    monkeypatch.setenv("SB_DATA_DIR", str(tiny_fmnist))  # a copy elsewhere: never used instead of the named folder
+    out, missing = tmp_path / "r", tmp_path / "no-such-folder"
+    rc = main(["train", "--data-dir", str(missing), "--out", str(out), "--train-limit", "64", "--test-limit", "64",
+               *FAST])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--data-dir {missing} does not exist" in err and f"into {missing}" in err
+    assert "train-images-idx3-ubyte.gz" in err and not out.exists()
 
 
 def _parameters(model):
@@ -137,7 +150,7 @@ def test_signal_saves_checkpoint_and_exits_cleanly(signum, code, tiny_fmnist, tm
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert "checkpoint saved" in err and "--resume" in err
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = read_checkpoint(out / "checkpoint.pt")  # a mid-epoch checkpoint loads with weights_only=True too
     assert 0 < state["epoch"] < 400
 
 

@@ -139,9 +139,9 @@ def beta_for_cost(f: float, t: float, target_time: float, staleness: int = 1) ->
     fraction = target_time - f / (staleness * t)
     if fraction <= 0:
         raise ValueError(
-            f"target_time {target_time} is not reachable: the scoring forwards alone cost {f / (staleness * t):.2f} "
+            f"--target-time {target_time} is not reachable: the scoring forwards alone cost {f / (staleness * t):.2f} "
             f"of a Traditional epoch here (F/T = {f / t:.2f}{'' if staleness == 1 else f', n = {staleness}'}); raise "
-            "target_time, use stale-sb or a larger --staleness"
+            "--target-time, use stale-sb or a larger --staleness"
         )
     selected = min(1.0, fraction)
     return 1 / selected - 1, selected

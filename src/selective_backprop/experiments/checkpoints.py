@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from ..distributed import Collectives
-from .errors import CheckpointError
+from .errors import SHOWN, CheckpointError, capped
+from .options import flag, shown
 from .runfolder import read_checkpoint
 
 __all__ = ["CHECKPOINT", "PREVIOUS_CHECKPOINT", "MAY_CHANGE_ON_RESUME", "checkpoint_paths", "has_checkpoint",
@@ -47,7 +48,7 @@ def has_checkpoint(out: Path, rank: int, world_size: int, comm: Collectives | No
     found = mine if comm is None else comm.all_gather_object(mine, "all_gather of 'has a checkpoint'")
     if isinstance(found, list) and len(set(found)) > 1:
         missing = [r for r, has in enumerate(found) if not has]
-        raise CheckpointError(f"cannot resume {out}: ranks {missing} have no checkpoint; start it again with "
+        raise CheckpointError(f"cannot resume {out}: ranks {capped(missing)} have no checkpoint; start it again with "
                               "--overwrite")  # fmt: skip
     return mine
 
@@ -75,7 +76,7 @@ def read_latest(
         common = sorted(set.intersection(*(set(p) for p in everyone)), reverse=True)
         if common:
             return next(item for item, position in zip(usable, positions, strict=True) if position == common[0])
-        problems.append(f"no (epoch, batch) position has a usable checkpoint on every rank: {everyone}")
+        problems.append(f"no (epoch, batch) position has a usable checkpoint on every rank: {capped(everyone)}")
     raise CheckpointError(
         f"cannot resume {out}: no usable checkpoint ({'; '.join(problems)}); start it again with --overwrite"
     )
@@ -91,4 +92,8 @@ def check_compatible(state: dict[str, Any], path: Path, config: dict[str, Any], 
     ours = {k: v for k, v in config.items() if k in saved}
     if json.loads(json.dumps(saved)) != json.loads(json.dumps(ours)):
         diff = sorted(k for k in saved if json.dumps(saved[k]) != json.dumps(ours.get(k)))
-        raise ValueError(f"cannot resume {path.parent}: the config differs from the checkpoint's in {diff}")
+        changes = [f"{flag(k)} {shown(saved[k])} in the checkpoint, {shown(ours.get(k))} now" for k in diff]
+        more = f"; and {len(changes) - SHOWN} more" if len(changes) > SHOWN else ""
+        raise ValueError(f"cannot resume {path.parent}: the config differs from the checkpoint's: "
+                         f"{'; '.join(changes[:SHOWN])}{more}. Resume with the checkpoint's values, or start "
+                         "afresh with --overwrite")  # fmt: skip

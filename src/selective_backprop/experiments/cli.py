@@ -22,11 +22,12 @@ import torch.distributed as dist
 
 from .config import TrainConfig
 from .errors import Interrupted, RunExistsError, exit_code
+from .options import check_option
 from .report.runs import load_runs
 from .report.summary import write_summary
 from .runfolder import write_atomic
 from .setup import launched_distributed
-from .strategies import STRATEGIES, selectivity_options
+from .strategies import STRATEGIES
 from .trainer import Trainer
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -45,6 +46,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the option, the value, where to look), not the 40-line usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def _add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -56,14 +64,27 @@ def _add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         if kind in (bool, bool | None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         elif f.name == "lr_milestones":
-            parser.add_argument(flag, type=_floats, default=f.default, help=help_text + "; comma-separated")
+            parser.add_argument(flag, type=_milestones, default=f.default, help=help_text + "; comma-separated")
         else:
             base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
             parser.add_argument(flag, type=base, default=f.default, help=help_text)
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v.strip())
+def _numbers(text: str, kind: type, flag: str) -> tuple[Any, ...]:
+    """``"0.5,0.75"`` -> ``(0.5, 0.75)``; ``ValueError`` naming ``flag`` and the text when an item is not a number."""
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        raise ValueError(f"{flag} must be comma-separated {what} (e.g. {'0,1,2' if kind is int else '0.5,0.75'}), "
+                         f"got {text!r}") from None  # fmt: skip
+
+
+def _milestones(text: str) -> tuple[float, ...]:
+    try:
+        return _numbers(text, float, "--lr-milestones")
+    except ValueError as e:  # argparse shows an ArgumentTypeError's message as it is
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--lr-milestones ")) from None
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
@@ -90,9 +111,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _grid(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (strategy, beta, label noise, seed) of the comparison, with its run name and config overrides."""
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    betas = _floats(args.betas) if args.betas else (args.beta,)
-    noises = _floats(args.label_noise) if args.label_noise else (0.0,)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    betas = _numbers(args.betas, float, "--betas") if args.betas else (args.beta,)
+    noises = _numbers(args.label_noise, float, "--label-noise") if args.label_noise else (0.0,)
+    seeds = _numbers(args.seeds, int, "--seeds")
+    for name, values, flag in (("strategy", strategies, "--strategies"), ("beta", betas, "--betas"),
+                               ("label_noise", noises, "--label-noise"), ("seed", seeds, "--seeds")):  # fmt: skip
+        if not values:
+            raise ValueError(f"{flag} must list at least one value, comma-separated")
+        for value in values:
+            check_option(name, value, as_flag=flag)
     several_betas = len(betas) > 1 and args.selectivity is None
     grid = []
     for strategy in strategies:
@@ -105,8 +132,6 @@ def _grid(args: argparse.Namespace) -> list[dict[str, Any]]:
                     overrides: dict[str, Any] = {"strategy": strategy, "seed": seed, "label_noise": noise}
                     if beta is not None:
                         overrides["beta"] = beta
-                    if args.selectivity is not None:  # TrainConfig applies it; refuse knob-less strategies now
-                        selectivity_options(strategy, args.selectivity)
                     grid.append({"name": f"{label}-s{seed}", "label": label, "noise": noise, "strategy": strategy,
                                  "overrides": overrides})  # fmt: skip
     return grid
@@ -120,6 +145,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             setattr(args, key, value)
     out = Path(args.out)
     grid = _grid(args)
+    configs = [_config(args, **run["overrides"]) for run in grid]  # every value checked before the folder is made
     if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
         raise RunExistsError(f"compare folder {out} already exists; pass --resume to finish it or --overwrite")
     if args.overwrite and out.exists():
@@ -130,9 +156,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = "selective-backprop " + " ".join(shlex.quote(a) for a in args.argv)
     write_atomic(out / "command.txt", lambda f: f.write((command + "\n").encode()))
-    for i, run in enumerate(grid, 1):
+    for i, (run, config) in enumerate(zip(grid, configs, strict=True), 1):
         print(f"[{i}/{len(grid)}] {run['name']}", flush=True)
-        _run(_config(args, **run["overrides"]), out / run["name"], args)
+        _run(config, out / run["name"], args)
     table = write_summary(out, [r for r in load_runs(out) if r.name in {run["name"] for run in grid}])
     print()
     print(table)
@@ -158,7 +184,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selective-backprop", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="selective-backprop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--resume", action="store_true", help="continue an existing run folder")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import defaults
+from .options import check_options
 from .strategies import STRATEGIES, selectivity_options
 
 __all__ = ["TrainConfig", "lr_at", "budget_done"]
@@ -92,38 +93,28 @@ class TrainConfig:
                              "before training and reported as compile_s, apart from training time",
                              default=None)  # fmt: skip
     threads: int | None = _h("torch CPU threads (default: torch's choice)", default=None)
-    data_dir: str | None = _h("folder with the dataset's official files", default=None)
+    data_dir: str | None = _h("folder with the dataset's official files, the only one searched (--download fills it)",
+                              default=None)  # fmt: skip
     download: bool = _h("download the dataset if it is not found", default=False)
     nonfinite: str = _h("on a NaN/inf loss: raise (stop, exit code 3) | skip (drop that optimizer step)",
                         default="raise")  # fmt: skip
     dist_timeout: float = _h("torchrun: seconds a rank waits for the others before failing", default=300.0)
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}"),
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.lr_schedule in ("step", "cosine", "constant"), "lr_schedule must be step, cosine or constant"),
-            (self.lr_unit in ("examples", "backprops"), "lr_unit must be examples or backprops"),
-            (0.0 <= self.label_noise <= 1.0, "label_noise must be a fraction in [0, 1]"),
-            (all(0 < m < 1 for m in self.lr_milestones), "lr_milestones must be fractions in (0, 1)"),
-            (self.eval_every is None or self.eval_every > 0, "eval_every must be > 0"),
-            (self.nonfinite in ("raise", "skip"), "nonfinite must be raise or skip"),
-            (self.dist_timeout > 0, "dist_timeout must be > 0 seconds"),
-            (self.amp in ("off", "bf16", "fp16"), "amp must be off, bf16 or fp16"),
-            (self.score_precision in ("auto", "fp32", "bf16", "fp16"), "score_precision must be auto, fp32, bf16 or "
-             "fp16 (int8 is not offered: see selective_backprop.experiments.scoring)"),
-            (self.score_scale is None or 0 < self.score_scale <= 1, "score_scale must be a fraction in (0, 1]"),
-            (self.score_batch_size is None or self.score_batch_size >= 1, "score_batch_size must be >= 1"),
-            (self.target_time is None or self.strategy in _SB_FAMILY, "target_time needs sb or stale-sb"),
-            (self.target_time is None or 0 < self.target_time <= 1, "target_time must be a fraction in (0, 1]"),
-            (self.target_time is None or self.selectivity is None, "give selectivity or target_time, not both"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"{message}; got {self}")
+        """Check every option (see :mod:`~selective_backprop.experiments.options`), then apply ``selectivity``.
+
+        Raises:
+            ValueError: one line naming the option's flag, the value and what is allowed, e.g.
+                ``--lr must be a finite number > 0, got nan``.
+        """
+        check_options({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, _SB_FAMILY)
         self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
         if self.selectivity is not None:  # raises ValueError naming the strategies that have a knob
-            for name, value in selectivity_options(self.strategy, self.selectivity).items():
+            try:
+                options = selectivity_options(self.strategy, self.selectivity)
+            except ValueError as e:
+                raise ValueError(f"--selectivity {self.selectivity:g}: {e}") from None
+            for name, value in options.items():
                 setattr(self, name, value)
 
     def to_json(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ interrupted by SIGINT / SIGTERM after writing a checkpoint (continue with ``--re
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..distributed import CollectiveError
 
 __all__ = ["Interrupted", "RunExistsError", "TrainingDiverged", "CheckpointError", "INTERRUPT_EXIT_CODES", "exit_code",
-           "nonfinite_indices", "nonfinite_parameters"]  # fmt: skip
+           "nonfinite_indices", "nonfinite_parameters", "capped", "SHOWN"]  # fmt: skip
 
 INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -44,7 +44,8 @@ class TrainingDiverged(ValueError):
     Attributes:
         step: the 1-based training step (optimizer steps taken or skipped before it, plus one).
         epoch: the 0-based epoch it happened in (shown 1-based in the message, as in the progress bar).
-        indices: dataset indices of the examples with a non-finite loss (``None`` for non-finite parameters).
+        indices: dataset indices of the examples with a non-finite loss (``None`` for non-finite parameters); all
+            of them here, the first :data:`SHOWN` in the message.
         checkpoint: the last good checkpoint to go back to, or ``None`` if none was written yet.
     """
 
@@ -53,12 +54,29 @@ class TrainingDiverged(ValueError):
     def __init__(self, what: str, step: int, epoch: int, epochs: int, indices: list[int] | None,
                  checkpoint: Path | None) -> None:  # fmt: skip
         self.step, self.epoch, self.indices, self.checkpoint = step, epoch, indices, checkpoint
-        where = "" if indices is None else f" at dataset indices {indices}"
+        where = "" if indices is None else f" at dataset indices {capped(indices)}"
         last = f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint was written yet"
         super().__init__(
             f"training diverged: {what}{where} at step {step} (epoch {epoch + 1}/{epochs}); {last}. Lower --lr, "
             "check those examples, or pass --nonfinite skip to drop such steps"
         )
+
+
+SHOWN = 8
+"""How many items of a list (dataset indices, ranks, positions) a message shows before "and N more"."""
+
+
+def capped(items: Sequence[Any], limit: int = SHOWN) -> str:
+    """``items`` for a message: all of them up to ``limit``, else the first ``limit`` and how many more.
+
+    Example:
+        >>> capped([3, 1, 4]), capped(list(range(20)))
+        ('[3, 1, 4]', '[0, 1, 2, 3, 4, 5, 6, 7] and 12 more')
+    """
+    items = list(items)
+    if len(items) <= limit:
+        return str(items)
+    return f"{items[:limit]} and {len(items) - limit} more"
 
 
 class CheckpointError(ValueError):

@@ -12,6 +12,10 @@ digest (the other keys are copies for a quick look). Every write goes to a tempo
 fsynced, and only then renamed over ``checkpoint.pt``, the old one first renamed to ``checkpoint.prev.pt``; a
 failed write (disk full, read-only folder) raises ``OSError`` naming the file and leaves both checkpoints and the
 results as they were.
+
+**Reading a run folder runs no code from it**, whoever wrote it: checkpoints (envelope and payload) are read with
+``torch.load(weights_only=True)`` (:func:`read_checkpoint`), ``.npy`` arrays with ``np.load(allow_pickle=False)``
+(the report), and everything else is JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import platform
 import shutil
 import subprocess
@@ -114,9 +119,16 @@ def write_checkpoint(path: Path, state: dict[str, Any], backup: Path | None = No
 def read_checkpoint(path: Path, map_location: Any = None) -> dict[str, Any]:
     """The state saved by :func:`write_checkpoint` at ``path``, its checksum verified.
 
+    Both the envelope and the payload are read with ``torch.load(weights_only=True)``: only tensors and plain
+    values (dicts, lists, tuples, numbers, strings, ``None``) are rebuilt, which is all :meth:`Trainer.save_checkpoint
+    <selective_backprop.experiments.trainer.Trainer.save_checkpoint>` writes, so no allowlist of other types is
+    needed. A payload naming any other class or function is refused before anything in it is called: the SHA-256
+    only proves the payload is intact, not who wrote it.
+
     Raises:
         CheckpointError: naming ``path`` and the reason when it cannot be read or unpickled, is truncated, is
-            not of this format, or its payload does not match its SHA-256.
+            not of this format, its payload does not match its SHA-256, or the payload holds anything but
+            tensors and plain values (e.g. an object whose ``__reduce__`` would run a command).
     """
     try:  # weights_only: the envelope holds plain values and one tensor; reading it runs no pickled code
         envelope = torch.load(path, map_location="cpu", weights_only=True)
@@ -130,8 +142,15 @@ def read_checkpoint(path: Path, map_location: Any = None) -> dict[str, Any]:
     if digest != envelope.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch (sha256 of the payload is {digest}, the file says "
                               f"{envelope.get('sha256')}): the file is corrupt")  # fmt: skip
-    try:
-        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+    try:  # weights_only again: the checksum proves integrity, not authorship; what the trainer saves needs no more
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a global (a class or function) before calling it
+        lines = str(e).splitlines()
+        what = next((line.strip() for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0][:200])
+        raise CheckpointError(f"{path}: refused to load: its payload holds more than tensors and plain values "
+                              f"({what}); a checkpoint written by selective-backprop never does, so nothing in it "
+                              "was run. Was it written by someone else? Start the run again with --overwrite"
+                              ) from e  # fmt: skip
     except Exception as e:
         raise CheckpointError(f"{path}: the payload cannot be unpickled ({type(e).__name__}: {e})") from e
 

@@ -168,6 +168,7 @@ def build_run(config: TrainConfig, out: Path, *, resume: bool, overwrite: bool) 
     if launched_distributed():
         comm, device = _join_process_group(config, device)
     rank, world_size = (0, 1) if comm is None else (comm.rank, comm.world_size)
+    sbdata.locate_dataset(config.dataset, config.data_dir, config.download)  # missing data: refused before the folder
     prepare_folder(out, rank, resume, overwrite, lambda what: comm.barrier(what) if comm is not None else None)
     torch.manual_seed(config.seed)
     data = _load_data(config, device, rank, world_size)

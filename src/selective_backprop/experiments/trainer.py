@@ -41,6 +41,7 @@ from .errors import (
     Interrupted,
     RunExistsError,
     TrainingDiverged,
+    capped,
     nonfinite_indices,
     nonfinite_parameters,
 )
@@ -162,7 +163,7 @@ class Trainer:
         """Refuse to log or checkpoint a model whose parameters are no longer finite."""
         bad = nonfinite_parameters(self.model)
         if bad:
-            raise self._diverged(f"non-finite parameters {bad[:3]}{' ...' if len(bad) > 3 else ''}", None)
+            raise self._diverged(f"non-finite parameters {capped(bad, 3)}", None)
 
     def _timed(self, key: str, start: float) -> None:
         self.parts.sync()
@@ -274,7 +275,7 @@ class Trainer:
                 self._check_parameters()
                 row = self._log()
                 self.save_checkpoint()
-                if not self.progress and self.rank == 0:
+                if self.rank == 0 and not progress.shows_bar(self.progress):  # quiet, or no terminal for a bar
                     print(progress.epoch_line(c.strategy, c.epochs, row), flush=True)
         finally:
             for s, h in handlers.items():
@@ -297,7 +298,7 @@ class Trainer:
             np.save(self.out / "selection_counts.npy", counts.cpu().numpy())
             np.save(self.out / "train_confidence.npy", train_confidence(p).cpu().numpy())
             runfolder.write_json(self.out / "final.json", summary)
-        if self.progress:
+        if progress.shows_bar(self.progress):  # the bars are gone: the last epoch's line stays on the terminal
             print(progress.epoch_line(self.config.strategy, self.config.epochs, last), flush=True)
         return summary
 

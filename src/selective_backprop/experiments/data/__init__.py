@@ -8,7 +8,7 @@ There are no per-example Python objects and no DataLoader workers.
 
 * :class:`ArrayDataset` -- images ``N x C x H x W`` uint8, labels int64, plus per-channel mean/std.
 * :func:`load_dataset` -- Fashion-MNIST, CIFAR-10, CIFAR-100 or SVHN from the official files (optionally
-  downloaded and checked against their MD5).
+  downloaded and checked against their MD5); :func:`locate_dataset` -- where they are, without reading them.
 * :func:`read_idx`, :func:`read_fashion_mnist`, :func:`read_cifar`, :func:`read_svhn` -- the format readers.
   Corrupt or truncated files raise :class:`ValueError` naming the file; never a silently partial dataset.
 * :func:`apply_label_noise` -- the paper's randomized-label experiment.
@@ -33,6 +33,7 @@ from .registry import (
     cache_dir,
     download,
     load_dataset,
+    locate_dataset,
 )
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "default_augment",
     "download",
     "load_dataset",
+    "locate_dataset",
     "normalize",
     "random_crop",
     "random_flip",

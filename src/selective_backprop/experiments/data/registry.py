@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 import tempfile
 import urllib.request
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..progress import shows_bar
 from .dataset import ArrayDataset, Split
 from .readers import _CIFAR_LAYOUT, read_cifar, read_fashion_mnist, read_svhn
 
@@ -25,7 +27,7 @@ def download(url: str, dest: str | os.PathLike[str], md5: str) -> None:
 
     The bytes go to a temporary file next to ``dest``, which is renamed onto ``dest`` (``os.replace``) after
     the checksum matches and deleted otherwise, so ``dest`` is either absent or complete and verified. Shows a
-    tqdm progress bar when tqdm is installed.
+    tqdm progress bar when tqdm is installed and stderr is a terminal; otherwise prints one line to stderr.
 
     Args:
         url: anything ``urllib.request.urlopen`` accepts (``https://``, ``file://``).
@@ -44,12 +46,16 @@ def download(url: str, dest: str | os.PathLike[str], md5: str) -> None:
         digest = hashlib.md5(usedforsecurity=False)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            try:
-                from tqdm import tqdm
+            bar: Any = None
+            if not shows_bar(True):  # a log, not a terminal: one line instead of a \r update per megabyte
+                print(f"downloading {url} to {dest}", file=sys.stderr, flush=True)
+            else:
+                try:
+                    from tqdm import tqdm
 
-                bar: Any = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False)
-            except ImportError:
-                bar = None
+                    bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False)
+                except ImportError:
+                    pass
             try:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
@@ -185,7 +191,7 @@ DEFAULT_DATA_DIRS: dict[str, tuple[Path, ...]] = {
     # Debian/Ubuntu: `apt-get install dataset-fashion-mnist` puts the four official files here.
     "fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"),),
 }
-"""System folders searched (after ``data_dir`` and ``$SB_DATA_DIR``) before the download cache."""
+"""System folders searched before the download cache when no folder is named (``data_dir``, ``$SB_DATA_DIR``)."""
 
 DATA_DIR_ENV = "SB_DATA_DIR"
 
@@ -196,16 +202,77 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selective_backprop"
 
 
+def _needed(spec: DatasetSpec) -> str:
+    return " or ".join(" + ".join(layout) for layout in spec.layouts)
+
+
 def _not_found(spec: DatasetSpec, searched: list[Path]) -> FileNotFoundError:
     folders = "\n".join(f"  {p}" for p in searched)
-    needed = " or ".join(" + ".join(layout) for layout in spec.layouts)
     ways = []
     if spec.name == "fashion-mnist":
         ways.append("install Debian's package: sudo apt-get install dataset-fashion-mnist")
     ways.append(f"download it: pass --download (download=True); files go to {cache_dir() / spec.name}")
-    ways.append(f"or pass --data-dir (data_dir=..., or set ${DATA_DIR_ENV}) pointing at a folder with {needed}")
+    ways.append(f"or pass --data-dir (data_dir=..., or set ${DATA_DIR_ENV}) pointing at a folder with {_needed(spec)}")
     lines = "\n".join(f"  - {w}" for w in ways)
     return FileNotFoundError(f"{spec.name} not found. Searched:\n{folders}\nTo get it:\n{lines}")
+
+
+def _missing(spec: DatasetSpec, folder: Path) -> list[str]:
+    """The names of the most complete layout that ``folder`` lacks."""
+    return min(([n for n in layout if not (folder / n).exists()] for layout in spec.layouts), key=len)
+
+
+def _not_in_named(spec: DatasetSpec, root: Path, named_by: str) -> FileNotFoundError:
+    """The data is not in the folder the user named (``--data-dir`` or ``$SB_DATA_DIR``): say what is missing."""
+    if not root.is_dir():
+        problem = f"{named_by} {root} does not exist"
+    else:
+        closest = min((root, root / spec.name), key=lambda folder: len(_missing(spec, folder)))
+        problem = f"{named_by} {root} does not hold {spec.name}: {closest} lacks {', '.join(_missing(spec, closest))}"
+    ways = [f"pass --download (download=True) to download the official files into {root} (MD5-checked)"]
+    if spec.name == "fashion-mnist":
+        ways.append(f"or sudo apt-get install dataset-fashion-mnist and use {named_by} "
+                    f"{DEFAULT_DATA_DIRS['fashion-mnist'][0]}")  # fmt: skip
+    default = "unset $" + DATA_DIR_ENV if named_by.startswith("$") else "leave out --data-dir (data_dir=None)"
+    ways.append(f"or {default} to search the default folders and the download cache")
+    lines = "\n".join(f"  - {w}" for w in ways)
+    return FileNotFoundError(f"{problem}. {spec.name} needs {_needed(spec)} in that folder or in its "
+                             f"{spec.name}/ subfolder. To get them:\n{lines}")  # fmt: skip
+
+
+def _named_root(data_dir: str | os.PathLike[str] | None) -> tuple[Path | None, str]:
+    """The folder the user named explicitly (``data_dir``, else ``$SB_DATA_DIR``) and how they named it."""
+    if data_dir is not None and str(data_dir) != "":
+        return Path(data_dir).expanduser(), "--data-dir"
+    env = os.environ.get(DATA_DIR_ENV)
+    return (Path(env).expanduser(), f"${DATA_DIR_ENV}") if env else (None, "")
+
+
+def locate_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, download: bool = False) -> Path | None:
+    """The folder :func:`load_dataset` would read ``name`` from, without reading it; ``None`` when it would have
+    to download it first (``download`` true). Cheap: checks file names only, so a run can refuse a missing
+    dataset before it makes its folder.
+
+    A folder named explicitly is the only place searched: ``data_dir`` (``--data-dir``), else ``$SB_DATA_DIR``,
+    each as given and with ``/<name>`` appended. Only when neither is given are the system folders in
+    :data:`DEFAULT_DATA_DIRS` (Fashion-MNIST's Debian package) and the download cache (:func:`cache_dir`
+    ``/<name>``) searched. The first folder holding a complete copy wins.
+
+    Raises:
+        ValueError: on an unknown name.
+        FileNotFoundError: when the data is not there and ``download`` is false: for a named folder, the message
+            names it, says whether it exists and which files it lacks, and how to get them (``--download`` fills
+            it); otherwise it lists the folders searched.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    root, named_by = _named_root(data_dir)
+    candidates = [root, root / name] if root is not None else [*DEFAULT_DATA_DIRS.get(name, ()), cache_dir() / name]
+    folder = next((p for p in candidates if spec.present_in(p)), None)
+    if folder is not None or download:
+        return folder
+    raise _not_found(spec, candidates) if root is None else _not_in_named(spec, root, named_by)
 
 
 def load_dataset(
@@ -217,11 +284,10 @@ def load_dataset(
 ) -> tuple[ArrayDataset, ArrayDataset]:
     """Load the train and test splits of a registered dataset onto ``device``.
 
-    Folders are searched in this order, each as given and with ``/<name>`` appended: ``data_dir``, then
-    ``$SB_DATA_DIR``, then the system folders in :data:`DEFAULT_DATA_DIRS` (Fashion-MNIST's Debian package),
-    then the download cache (:func:`cache_dir` ``/<name>``). The first folder holding a complete copy wins.
-    When none does and ``download`` is true, the official files are fetched and MD5-checked into ``data_dir``
-    (or ``$SB_DATA_DIR``, or the cache).
+    Where the files are searched: see :func:`locate_dataset` (a folder named with ``data_dir`` or
+    ``$SB_DATA_DIR`` is the only one searched; it never falls back to another copy). When the data is not
+    found and ``download`` is true, the official files are fetched and MD5-checked into ``data_dir`` (or
+    ``$SB_DATA_DIR``, or the cache), creating the folder if needed.
 
     Args:
         name: one of :data:`DATASETS` (``fashion-mnist``, ``cifar10``, ``cifar100``, ``svhn``).
@@ -235,26 +301,19 @@ def load_dataset(
 
     Raises:
         ValueError: on an unknown name, or a corrupt file (the message names it).
-        FileNotFoundError: when the data is in none of the folders searched and ``download`` is false; the
-            message lists the folders and how to get the data.
+        FileNotFoundError: when the data is not found and ``download`` is false (see :func:`locate_dataset`).
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    folder = locate_dataset(name, data_dir, download)  # raises on an unknown name, or missing data without download
     spec = DATASETS[name]
-    roots = [Path(r).expanduser() for r in (data_dir, os.environ.get(DATA_DIR_ENV)) if r]
-    candidates = [p for root in roots for p in (root, root / name)]
-    candidates += [*DEFAULT_DATA_DIRS.get(name, ()), cache_dir() / name]
-    folder = next((p for p in candidates if spec.present_in(p)), None)
-    if folder is None and download:
-        folder = roots[0] if roots else cache_dir() / name
+    if folder is None:
+        root, _ = _named_root(data_dir)
+        folder = root if root is not None else cache_dir() / name
         fetch = downloader or _download_file
         for remote in spec.files:
             if not (folder / remote.filename).exists():
                 fetch(remote.url, folder / remote.filename, remote.md5)
         if not spec.present_in(folder):
             raise FileNotFoundError(f"{folder}: downloaded {name} but its files are still incomplete")
-    if folder is None:
-        raise _not_found(spec, candidates)
     (train_x, train_y), (test_x, test_y) = spec.reader(folder)
     train = ArrayDataset(
         torch.from_numpy(train_x),

@@ -62,9 +62,22 @@ class Run:
         return self.rows[-1]
 
     def array(self, name: str) -> np.ndarray | None:
-        """``<name>.npy`` of the run folder, or ``None`` when the run did not write it."""
+        """``<name>.npy`` of the run folder, or ``None`` when the run did not write it.
+
+        Read with ``allow_pickle=False``: an array of Python objects (a pickle inside the ``.npy``) is refused
+        before anything in it is unpickled, so a run folder from someone else cannot run code here.
+
+        Raises:
+            ValueError: naming the file when it is not a plain numeric ``.npy`` array (pickled objects, corrupt).
+        """
         path = self.path / f"{name}.npy"
-        return np.load(path) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            return np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:  # np.load: ValueError for object arrays and bad headers
+            raise ValueError(f"{path}: not a plain numeric .npy array ({e}); the report reads no pickled objects: "
+                             "delete the file or rerun that run") from e  # fmt: skip
 
 
 def _read_json(path: Path) -> dict[str, Any]:
