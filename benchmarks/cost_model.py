@@ -1,6 +1,6 @@
 """Cost model: is an SB epoch as cheap as F + s*T predicts, and does Traditional cost what a bare loop costs?
 
-F = seconds per example of a scoring forward (eval mode, inference mode, at the loader batch size), T = seconds
+F = seconds per example of a scoring forward (eval mode, no autograd, at the loader batch size), T = seconds
 per example of a training step (forward + backward + SGD step at the training batch size), both measured by
 ``Trainer.measure_costs`` exactly as the run does them (means over trials after a warm-up: an epoch is a sum, so
 a mean predicts it and a median would not), and D = seconds per epoch of the data pipeline (the same for every
@@ -12,7 +12,7 @@ Where the prediction misses, the SB run's own timers say which term: the scoring
 the train step per example backpropagated vs T, and the bookkeeping / data seconds per epoch.
 
 Run by hand:  .venv/bin/python benchmarks/cost_model.py [--train-limit 12800] [--beta 3] [--device cpu]
-              [--score-batch-size 512] [--amp bf16] [--compile inductor]
+              [--score-batch-size 512] [--amp bf16] [--compile inductor] [--score-precision fp32]
 All numbers come from the same process, measured one after the other on the same machine.
 """
 
@@ -102,11 +102,13 @@ def main() -> None:
     parser.add_argument("--score-batch-size", type=int, default=None, help="scoring batch (default: 128)")
     parser.add_argument("--amp", default="off", help="off | bf16 | fp16")
     parser.add_argument("--compile", default=None, help="torch.compile backend (default: none)")
+    parser.add_argument("--score-precision", default="fp32", help="auto | fp32 | bf16 | fp16 (default: fp32)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sb-cost-"))
     common = dict(dataset=args.dataset, model=args.model, train_limit=args.train_limit, test_limit=1000,
                   beta=args.beta, staleness=args.staleness, device=args.device, lr_schedule="constant",
-                  score_batch_size=args.score_batch_size, amp=args.amp, compile=args.compile)  # fmt: skip
+                  score_batch_size=args.score_batch_size, amp=args.amp, compile=args.compile,
+                  score_precision=args.score_precision)  # fmt: skip
     try:
         epochs = 1 + args.staleness  # priming, then one full staleness cycle
         results = {}

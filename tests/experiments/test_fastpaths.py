@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -149,3 +151,24 @@ def test_after_the_warm_up_no_batch_size_of_the_run_compiles_anything(tiny_fmnis
     parts.train_model.eval()
     calibrate._step(parts, x[:1], y[:1])
     assert calibrate.compiled_graphs() == before
+
+
+FAULTS = """
+import resource, sys, torch
+from selective_backprop.experiments.setup import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+torch.empty(16 << 20).fill_(1.0)  # a 64 MiB block, above glibc's largest mmap threshold
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(16 << 20).fill_(1.0)  # the same again: reused, or mapped and zero-filled page by page
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_large_blocks_are_reused_instead_of_faulted_in_again():
+    """The cause of big scoring batches costing more per example in the loop than alone: page faults."""
+    runs = {mode: subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
+            for mode in ("keep", "default")}  # fmt: skip
+    kept, default = (runs[m].stdout.split() for m in ("keep", "default"))
+    assert kept[0] == "True" and int(kept[1]) < 100
+    assert int(default[1]) > 10_000  # 64 MiB / 4 KiB pages: every page faulted in again

@@ -35,6 +35,26 @@ from .strategies import STRATEGIES, build_selector
 __all__ = ["RunParts", "build_run", "resolve_device", "launched_distributed"]
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc serve every allocation from its heap and keep freed memory for reuse (Linux, glibc).
+
+    Why: glibc maps each block above 32 MiB (the most ``M_MMAP_THRESHOLD`` may be) straight from the OS and unmaps it
+    when freed, so every large activation of a big batch -- a scoring forward at 512 or Kath18's presample of 384 on
+    the small CNN: a 51 MB first conv output -- is zero-filled page by page again: 25,000 page faults per forward at
+    512, which made such a forward cost 1.3-1.8x more per example than at 128. With ``M_MMAP_MAX = 0`` and a 1 GiB
+    ``M_TRIM_THRESHOLD``, measured here: 0 faults and 137-161 instead of 284-304 us/example at 512 (no change at
+    128). The process keeps its peak memory. Returns whether it applied (False off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(-4, 0)) and bool(mallopt(-1, 1 << 30))  # M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 1 GiB
+
+
 def launched_distributed() -> bool:
     """Whether this process is one of several ranks started by torchrun (``$WORLD_SIZE`` > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -162,6 +182,7 @@ def build_run(config: TrainConfig, out: Path, *, resume: bool, overwrite: bool) 
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    kept = device.type == "cpu" and keep_freed_memory()
     if config.amp == "fp16" and device.type != "cuda":
         raise ValueError("amp fp16 needs CUDA (it trains with a gradient scaler); on CPU use --amp bf16 or off")
     comm = None
@@ -183,6 +204,7 @@ def build_run(config: TrainConfig, out: Path, *, resume: bool, overwrite: bool) 
         scaler=torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
         autocast_dtype={"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp],
     )  # fmt: skip
+    parts.calibration["malloc_keeps_freed_memory"] = kept
     resuming = resume and has_checkpoint(out, rank, world_size, comm)
     parts.score_precision = _score_precision(parts, resuming)
     if config.compile:
