@@ -85,7 +85,8 @@ class InfoBatch(Selector):
     * Every example's score is its most recent training loss, recorded by ``Batch.loss``.
     * At the first :meth:`select` of an epoch the threshold is fixed to the mean score of the examples that have
       one (InfoBatch also computes it once per epoch, when its sampler is rebuilt).
-    * While ``epoch < delta * epochs``, an example scored strictly below the threshold is pruned with
+    * While ``epoch + 1 <= delta * epochs`` (``epoch`` counted from 0; the official sampler's test, so the last
+      pruned epoch is ``floor(delta * epochs) - 1``), an example scored strictly below the threshold is pruned with
       probability ``prune_ratio`` -- dropped with **no forward at all** -- and, if kept, its loss is weighted by
       ``1 / (1 - prune_ratio)``. Every other example is kept with weight 1. In the last ``1 - delta`` of the
       epochs nothing is pruned and every weight is 1 (InfoBatch's annealing).
@@ -101,6 +102,9 @@ class InfoBatch(Selector):
       without seeing the whole epoch first. Both keep each summed epoch gradient unbiased in expectation.
     * ``prune_ratio`` must lie in ``[0, 1)``; InfoBatch silently clamps the keep ratio to at least ``0.1``.
     * Randomness comes from the selector's own generator; InfoBatch reseeds numpy's global RNG each epoch.
+    * Every weight is 1 in every epoch without pruning. The official sampler resets its weights when pruning
+      stops only if ``delta * epochs`` is an integer; otherwise the last pruned epoch's ``1 / (1 - r)`` weights
+      stay on in the full-data epochs, which biases their gradient (a bug we do not copy).
     * Scores, threshold and epoch are in :meth:`state_dict`, so a resumed run continues identically.
 
     Fewer examples are backpropagated per epoch, not fewer epochs: the trainer's LR schedule counts examples
@@ -163,8 +167,8 @@ class InfoBatch(Selector):
 
     @property
     def pruning(self) -> bool:
-        """Whether this epoch prunes (``epoch < delta * epochs``)."""
-        return self.epoch < self.delta * self.epochs
+        """Whether this epoch prunes: ``epoch + 1 <= delta * epochs``, as the official ``IBSampler`` decides."""
+        return self.epoch + 1 <= self.delta * self.epochs
 
     def choose(self, inputs: Any, targets: Any, indices: Tensor | None) -> list[Batch]:
         if indices is None:

@@ -182,6 +182,10 @@ class TestInfoBatchSelector:
         for epoch, expected in [(0, True), (174, True), (175, False), (199, False)]:  # the last 25 of 200: full data
             long.epoch = epoch
             assert long.pruning is expected
+        # delta * epochs = 8.75, not an integer: the official IBSampler prunes epoch e only while e + 1 <= 8.75,
+        # so epochs 0..7 prune and epoch 8 (which `epoch < 8.75` would also prune) already trains on everything
+        odd = InfoBatch(model, epochs=10, dataset_size=1)
+        assert [odd.pruning for odd.epoch in range(10)] == [True] * 8 + [False] * 2
 
     def test_weighted_epoch_loss_is_unbiased_monte_carlo(self):
         model, r, epochs = Losses(), 0.5, 1000
@@ -337,7 +341,8 @@ def test_two_epochs_end_to_end(name):
     torch.manual_seed(0)
     n, loader_batch = 64, 8
     model = nn.Linear(5, 3)  # plain SGD by hand: building a torch.optim optimizer first imports torch._dynamo (~3 s)
-    sel = build(name, model, n, epochs=2, batch_size=8)
+    # InfoBatch prunes epoch e only while e + 1 <= 0.875 * epochs, and never the first (all scores equal): plan 4.
+    sel = build(name, model, n, epochs=4 if name == "infobatch" else 2, batch_size=8)
     x, y = torch.randn(n, 5), torch.randint(0, 3, (n,))
     lengths = []
 
