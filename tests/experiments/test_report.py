@@ -67,6 +67,7 @@ def make_run(
     confidence: np.ndarray | None = None,
     counts: np.ndarray | None = None,
     noisy: np.ndarray | None = None,
+    test_correct: list[int] | None = None,
     **config: Any,
 ) -> Path:
     folder = root / name
@@ -101,6 +102,10 @@ def make_run(
     np.save(folder / "train_confidence.npy", confidence if confidence is not None else np.full(N, 0.9))
     if noisy is not None:
         np.save(folder / "noisy_indices.npy", noisy)
+    if test_correct is not None:  # the test-set view after epoch 10: example i has confidence i / 100
+        np.save(folder / "test_labels.npy", np.zeros(100, dtype=np.int64))
+        np.save(folder / "test_confidence_e10.npy", np.arange(100) / 100)
+        np.save(folder / "test_prediction_e10.npy", np.where(np.isin(np.arange(100), test_correct), 0, 1))
     return folder
 
 
@@ -125,6 +130,7 @@ def build_compare(root: Path, tiny_fmnist: Path) -> Path:
         0,
         [row(0, 0.9), row(20, 0.45, 1000), row(40, 0.25, 2000)],
         confidence=trad_conf,
+        test_correct=list(range(50, 100)),
         **data,
     )
     make_run(
@@ -146,6 +152,7 @@ def build_compare(root: Path, tiny_fmnist: Path) -> Path:
         [row(0, 0.9), row(10, 0.35, 500, 250), row(20, 0.25, 800, 600)],
         confidence=conf([0.3, 0.6, 0.1, 0.8, 0.2]),
         counts=counts,
+        test_correct=[18, 19, 20, 60],
         **data,
     )
     make_run(
@@ -155,6 +162,7 @@ def build_compare(root: Path, tiny_fmnist: Path) -> Path:
         1,
         [row(0, 0.9), row(14, 0.35, 600, 300), row(28, 0.25, 900, 700)],
         confidence=conf([0.9, 0.9, 0.9, 0.9, 0.1]),
+        test_correct=[18, 99],
         **data,
     )
     make_run(
@@ -312,25 +320,40 @@ def test_report_markdown(reported: tuple[Path, str]) -> None:
 
 def test_pareto_and_stale_sections(reported: tuple[Path, str]) -> None:
     md = reported[1]
-    # Means: traditional (44 s, 0.25), sb (24 s, 0.25), stale-sb (16 s, 0.30), kath18 (30 s, 0.275).
     section = md[md.index("## 3.") : md.index("## 4.")]
-    optimal = {
-        line.split(" | ")[0][2:]: line.endswith("| yes |")
-        for line in section.splitlines()
-        if line.startswith("| ") and line.rstrip().endswith(("| yes |", "| no |"))
-    }
-    assert optimal == {"traditional": False, "sb": True, "stale-sb": True, "kath18": False}
-    assert "| sb | 1 | 1 | 100.00 % | 50.00 % |" in section
-    assert "| traditional | 1 | 0 | 0.00 % | 0.00 % |" in section
+    # Targets: 25 from 0.5 (2 x Traditional's final 0.25) down to 0.25, step 0.25 / 24. Computed by hand: StaleSB
+    # reaches t at 8 (0.9 - t) / 0.55 s down to 0.35, then 8 + 160 (0.35 - t); SB seed 0 at 10 (0.9 - t) / 0.55, then
+    # 10 + 100 (0.35 - t): StaleSB is first down to t = 0.35 - 1/30 = 0.3167 (targets 0..17: 18 points), SB seed 0
+    # below it (targets 18..24: 7 points, StaleSB never gets under 0.30); every other run is later on every target.
+    assert "for each of 25 target errors from 50.00 % down to 25.00 %" in section
+    assert "| SB + StaleSB | 100.00 % | 72.00 % | 47.00 % | 80.00 % |" in section
+    assert "| Traditional | 0.00 % | 10.00 % | 43.00 % | 6.00 % |" in section
+    assert "| Kath18 | 0.00 % | 10.00 % | 8.00 % | 14.00 % |" in section
+    assert "| stale-sb | 72.00 % |" in section and "| sb | 28.00 % |" in section
+    assert "| traditional | 0.00 % |" in section and "| kath18 | 0.00 % |" in section
     stale = table_row(md, "stale-sb", "## 4.")
     assert "| sb |" in stale and "| 300 | 50.00 % |" in stale  # 300 skipped of 300 + 300 scoring forwards
     assert "16.0 vs 24.0 (33.33 %)" in stale  # train time saved: 1 - 16 / 24
     assert "8.0 vs 12.0 (33.33 %)" in stale  # time to 1.4x
 
 
+def test_hard_examples_on_the_test_set(reported: tuple[Path, str]) -> None:
+    """Paper §5.2 on hand-made test-set views: example i has confidence i / 100, so the bin around the 20th
+    percentile (ranks 17.5-22.5 %) is examples 18..22."""
+    md = reported[1]
+    section = md[md.index("### Hard examples on the test set") : md.index("### Hard training examples")]
+    assert "After epoch 10" in section and "figures/hard_examples_test.png" in section
+    assert "| traditional | 10 | 0.00 % (n=1) | 3.00 % |" in section  # correct only from example 50 on
+    sb = [3 / 5, 1 / 5]  # seed 0: 18, 19, 20 of 18..22 correct; seed 1: 18 only
+    assert f"| sb | 10, 10 | {100 * statistics.mean(sb):.2f} % ± {100 * half_width(sb):.2f} % | 29.00 % |" in section
+    assert "| stale-sb |" not in section  # no test-set view saved
+    paper = md[md.index("## 7.") : md.index("## 8.")]
+    assert "same measure, test set: traditional 0.00 %, sb 40.00 %" in paper
+
+
 def test_hard_set_section(reported: tuple[Path, str]) -> None:
     md = reported[1]
-    section = md[md.index("### Hard examples") : md.index("## 6.")]
+    section = md[md.index("### Hard training examples") : md.index("## 6.")]
     assert "seed 0" in section and "measured on seed 1" in section
     # Traditional seed 1 on examples 0..4: [0.1, 0.35, 0.2, 0.05, 0.9] -> 2/5 >= 0.3, 1/5 > 0.5.
     assert "| traditional | 1 | 40.00 % (n=1) | 20.00 % (n=1) |" in section
@@ -338,9 +361,10 @@ def test_hard_set_section(reported: tuple[Path, str]) -> None:
     assert f"| sb | 0, 1 | {100 * statistics.mean(sb):.2f} % ± {100 * half_width(sb):.2f} % |" in section
     assert "| stale-sb | 0 | 20.00 % (n=1) | 0.00 % (n=1) |" in section
     paper = md[md.index("## 7.") : md.index("## 8.")]
-    assert "Traditional 40.00 % vs sb 70.00 %, stale-sb 20.00 %" in paper
     assert "3.75x (n=1) (stale-sb)" in paper  # best speedup vs Traditional at 1.4x
     assert "stale-sb vs sb: 1.50x" in paper  # 12 s / 8 s
+    assert "| sb to 1.4x | 1.5x | 1.2x | 3.5x | sb 2.79x ± 2.72x |" in paper  # the paper's Table 1 beside ours
+    assert "| stale-sb to 1.1x | – | 1.5x | 4.3x | stale-sb not reached |" in paper
     assert "see each run's `config.json`" in paper
     assert "No run with label noise" in md
 
@@ -356,6 +380,8 @@ def test_files_figures_and_html_links(compare: Path) -> None:
         "curves_backprops.png",
         "pareto.png",
         "selection_counts.png",
+        "time_breakdown.png",
+        "hard_examples_test.png",
         "gallery_most.png",
         "gallery_least.png",
     }
@@ -427,3 +453,4 @@ def test_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"pip install 'selective-backprop\[experiments\]'"):
         write_report(tmp_path)
+

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..analysis import estimate, hard_set, hard_set_fraction, noisy_share
 from .document import Document, err, est, pct, speed
+from .paper import noise_curves, section_hard_examples
 from .runs import (
     AXES,
     CONFIDENT,
@@ -56,6 +57,7 @@ def section_examples(doc: Document, ctx: Context) -> None:
     else:
         doc.p("No `selection_counts.npy` in any run: no selection histogram.")
     _galleries(doc, ctx)
+    section_hard_examples(doc, ctx)
     _hard_set(doc, ctx)
 
 
@@ -152,7 +154,7 @@ def hard_measure(ctx: Context) -> HardSet | None:
 
 
 def _hard_set(doc: Document, ctx: Context) -> None:
-    doc.h(3, "Hard examples learned")
+    doc.h(3, "Hard training examples learned (ours, not the paper's measure)")
     m = hard_measure(ctx)
     if m is None:
         doc.p("No Traditional run with `train_confidence.npy`: the hard-set measure is skipped.")
@@ -224,6 +226,7 @@ def section_noise(doc: Document, ctx: Context) -> None:
             + ["noisy examples", "backprops on noisy", "ratio"],
             rows,
         )
+        noise_curves(doc, ctx, level, groups)
         _noisy_share_figure(doc, ctx, level, groups)
 
 

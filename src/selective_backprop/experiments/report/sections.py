@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..analysis import curve_band, pareto_front
 from .document import Document, count, err, est, num, pct, speed
+from .paper import plot_curves, time_breakdown
 from .runs import (
     AXES,
     USES_BETA,
@@ -22,6 +22,11 @@ def section_overview(doc: Document, ctx: Context) -> None:
         "(`metrics.jsonl`, `config.json`, `*.npy`). A group (label) is a run name without its `-s<seed>` "
         "suffix; its seeds are the repetitions."
     )
+    budgets = {(r.config.get("time_budget"), r.config.get("epochs")) for r in ctx.all_runs}
+    doc.p("Budget: " + "; ".join(
+        f"{epochs} epochs" if seconds is None else f"{seconds:g} s of training time (`--time-budget`, evaluation "
+        f"excluded; the paper's equal-time comparison), at most {epochs} epochs" for seconds, epochs in sorted(
+            budgets, key=str)) + ".")  # fmt: skip
     unfinished = [r.name for r in ctx.runs if not r.finished]
     if unfinished:
         doc.p(f"Unfinished runs (no `final.json`; their last evaluation is used): {', '.join(unfinished)}.")
@@ -127,15 +132,7 @@ def section_curves(doc: Document, ctx: Context) -> None:
     for axis, name in (("wall_train_s", "curves_time.png"), ("backprops", "curves_backprops.png")):
         fig = ctx.new_figure(figsize=(8, 4.8))
         ax = fig.subplots()
-        for i, (label, group) in enumerate(ctx.groups.items()):
-            color = f"C{i % 10}"
-            curves = [([row[axis] for row in r.rows], [row["test_error"] for row in r.rows]) for r in group]
-            if len(curves) == 1:
-                ax.plot(*curves[0], color=color, marker=".", label=label)
-            else:
-                grid, mean, lo, hi = curve_band(curves)
-                ax.plot(grid, mean, color=color, label=f"{label} ({len(curves)} seeds)")
-                ax.fill_between(grid, lo, hi, color=color, alpha=0.2, linewidth=0)
+        plot_curves(ax, ctx.groups, axis)
         for t, target in ctx.targets.items():
             ax.axhline(target, color="gray", linestyle="--", linewidth=0.8)
             ax.annotate(f"{t}x", (1.0, target), xycoords=("axes fraction", "data"), fontsize=7, color="gray")
@@ -146,59 +143,7 @@ def section_curves(doc: Document, ctx: Context) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         doc.figure(name, fig, f"Test error vs {AXES[axis]}")
-
-
-def section_pareto(doc: Document, ctx: Context) -> None:
-    doc.h(2, "3. Pareto front: training time vs final error")
-    labels = list(ctx.groups)
-    points = [(final(g, "wall_train_s").mean or 0.0, final(g, "test_error").mean or 0.0) for g in ctx.groups.values()]
-    optimal = pareto_front(points)
-    doc.p(
-        "Each label's point is its mean over seeds of (final training wall-clock time, final test error). A "
-        "point is Pareto-optimal when no other label is at least as fast and at least as accurate, and strictly "
-        "better in one of the two."
-    )
-    fig = ctx.new_figure(figsize=(7, 4.8))
-    ax = fig.subplots()
-    for i, (label, group) in enumerate(ctx.groups.items()):
-        color = f"C{i % 10}"
-        ax.scatter(
-            [r.last["wall_train_s"] for r in group], [r.last["test_error"] for r in group], color=color, alpha=0.3, s=12
-        )
-        x, y = points[i]
-        ax.scatter(
-            [x],
-            [y],
-            color=color,
-            s=110 if optimal[i] else 40,
-            marker="*" if optimal[i] else "o",
-            edgecolors="black" if optimal[i] else "none",
-            label=label,
-            zorder=3,
-        )
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    front = sorted(p for p, ok in zip(points, optimal, strict=True) if ok)
-    ax.plot([p[0] for p in front], [p[1] for p in front], color="black", linewidth=0.8, drawstyle="steps-post")
-    ax.set_xlabel("training time (s)")
-    ax.set_ylabel("final test error")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    doc.figure("pareto.png", fig, "Final test error vs training time; stars: Pareto-optimal labels, faint: seeds")
-    doc.table(
-        ["label", "strategy", "train time (s)", "final test error", "Pareto-optimal"],
-        [
-            [lb, ctx.groups[lb][0].strategy, f"{x:.1f}", pct(y), "yes" if ok else "no"]
-            for lb, (x, y), ok in zip(labels, points, optimal, strict=True)
-        ],
-    )
-    families: dict[str, list[bool]] = {}
-    for label, ok in zip(labels, optimal, strict=True):
-        families.setdefault(ctx.groups[label][0].strategy, []).append(ok)
-    total = sum(optimal)
-    doc.table(
-        ["strategy family", "labels", "Pareto-optimal", "share of the family", "share of the front"],
-        [[fam, len(oks), sum(oks), pct(sum(oks) / len(oks)), pct(sum(oks) / total)] for fam, oks in families.items()],
-    )
+    time_breakdown(doc, ctx)
 
 
 def _sb_match(ctx: Context, stale: list[Run]) -> str | None:
