@@ -2,7 +2,7 @@
 
 F = seconds per example of a scoring forward (eval mode, no autograd, at the loader batch size), T = seconds
 per example of a training step (forward + backward + SGD step at the training batch size), both measured by
-``Trainer.measure_costs`` exactly as the run does them (means over trials after a warm-up: an epoch is a sum, so
+``calibrate.measure_costs`` exactly as the run does them (means over trials after a warm-up: an epoch is a sum, so
 a mean predicts it and a median would not), and D = seconds per epoch of the data pipeline (the same for every
 strategy). For a measured selected fraction s, an SB epoch
 should cost D + N*(F + s*T) and a StaleSB epoch D + N*(F/n + s*T) (averaged over the n-epoch staleness cycle).
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from selective_backprop.experiments import calibrate
 from selective_backprop.experiments import data as sbdata
 from selective_backprop.experiments.analysis import read_metrics
 from selective_backprop.experiments.config import TrainConfig
@@ -115,7 +116,7 @@ def main() -> None:
         for strategy in ("traditional", "sb", "stale-sb"):
             trainer = Trainer(TrainConfig(strategy=strategy, epochs=epochs, **common), work / strategy, progress=False)
             if strategy == "traditional":
-                fwd, step = trainer.measure_costs(repeats=60, warmup=WARMUP)  # as the run does them
+                fwd, step = calibrate.measure_costs(trainer.parts, repeats=60, warmup=WARMUP)  # as the run does them
                 bare = mean(bare_epochs(trainer, epochs)[1:])
                 data_s = min(data_epoch(trainer) for _ in range(3))
             trainer.run()

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from selective_backprop.experiments import calibrate
 from selective_backprop.experiments.config import TrainConfig
 from selective_backprop.experiments.data import DeviceLoader
 from selective_backprop.experiments.scoring import MIN_GAIN, MIN_SPEARMAN
@@ -62,7 +63,7 @@ def main() -> None:
         trainer = Trainer(config, work / "warm", progress=False)
         trainer.run()
         parts = trainer.parts
-        _, step = trainer.measure_costs(repeats=args.repeats, warmup=5)  # T as the run does it
+        _, step = calibrate.measure_costs(trainer.parts, repeats=args.repeats, warmup=5)  # T as the run does it
         model = parts.model.eval()
         loader = DeviceLoader(parts.train_set, args.batch_size, seed=5)
         batches = [(x.contiguous(memory_format=parts.memory_format), y) for x, y, _ in itertools.islice(loader, 8)]

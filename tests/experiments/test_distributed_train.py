@@ -20,6 +20,7 @@ import torch
 
 from selective_backprop.experiments.analysis import read_metrics
 from selective_backprop.experiments.config import TrainConfig
+from selective_backprop.experiments.meters import TIMED_COLUMNS
 from selective_backprop.experiments.runfolder import read_checkpoint
 from selective_backprop.experiments.trainer import Trainer
 
@@ -47,7 +48,7 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
 
 
 def untimed(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith(("time_", "wall_"))} for r in rows]
+    return [{k: v for k, v in r.items() if k not in TIMED_COLUMNS} for r in rows]
 
 
 def models(folder: Path) -> list[dict[str, torch.Tensor]]:

@@ -24,11 +24,11 @@ from selective_backprop.experiments.analysis import read_metrics
 from selective_backprop.experiments.cli import main
 from selective_backprop.experiments.config import TrainConfig
 from selective_backprop.experiments.errors import CheckpointError, TrainingDiverged
+from selective_backprop.experiments.meters import TIMED_COLUMNS
 from selective_backprop.experiments.report import load_runs
 from selective_backprop.experiments.runfolder import read_checkpoint, write_atomic
 from selective_backprop.experiments.trainer import Trainer
 
-UNTIMED = ("wall_train_s", "time_data_s", "time_select_forward_s", "time_bookkeeping_s", "time_train_s")
 RESULTS = ("metrics.jsonl", "final.json", "checkpoint.pt", "checkpoint.prev.pt")
 
 
@@ -38,7 +38,7 @@ def config(data: Path, **kw) -> TrainConfig:
 
 
 def untimed(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in UNTIMED} for r in rows]
+    return [{k: v for k, v in r.items() if k not in TIMED_COLUMNS} for r in rows]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from selective_backprop.experiments.analysis import crossing, read_metrics, spee
 from selective_backprop.experiments.cli import main
 from selective_backprop.experiments.config import TrainConfig, lr_at
 from selective_backprop.experiments.errors import Interrupted
+from selective_backprop.experiments.meters import TIMED_COLUMNS
 from selective_backprop.experiments.runfolder import read_checkpoint
 from selective_backprop.experiments.strategies import STRATEGIES
 from selective_backprop.experiments.trainer import Trainer
@@ -129,9 +130,8 @@ def test_resume_after_interrupt_equals_uninterrupted_run(strategy, tiny_fmnist, 
     resumed.run()
     for a, b in zip(_parameters(full.model), _parameters(resumed.model), strict=True):
         assert torch.equal(a, b)
-    untimed = ("wall_train_s", "time_data_s", "time_select_forward_s", "time_bookkeeping_s", "time_train_s")
-    strip = [{k: v for k, v in r.items() if k not in untimed} for r in read_metrics(tmp_path / "full")]
-    assert strip == [{k: v for k, v in r.items() if k not in untimed} for r in read_metrics(tmp_path / "broken")]
+    strip = [{k: v for k, v in r.items() if k not in TIMED_COLUMNS} for r in read_metrics(tmp_path / "full")]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMED_COLUMNS} for r in read_metrics(tmp_path / "broken")]
     assert np.array_equal(np.load(tmp_path / "full/selection_counts.npy"),
                           np.load(tmp_path / "broken/selection_counts.npy"))  # fmt: skip
 
@@ -284,11 +284,14 @@ def test_compare_label_noise_grid_and_static_selectivity(tiny_fmnist, tmp_path, 
     assert json.loads((out / "random-n0-s0" / "config.json").read_text())["rate"] == pytest.approx(0.2)
     assert len(np.load(out / "traditional-n0.2-s0" / "noisy_indices.npy")) == round(0.2 * 512)
     trad_rows = read_metrics(out / "traditional-n0.2-s0")  # Traditional backprops each noisy example once per epoch
-    assert [r["noisy_backprops"] for r in trad_rows] == [k * round(0.2 * 512) for k in range(len(trad_rows))]
+    ends = [r for r in trad_rows if float(r["epoch"]).is_integer()]  # compare also evaluates 4 times an epoch
+    assert len(trad_rows) > len(ends) and [r["epoch"] for r in ends] == list(range(len(ends)))
+    assert [r["noisy_backprops"] for r in ends] == [k * round(0.2 * 512) for k in range(len(ends))]
     assert read_metrics(out / "traditional-n0-s0")[-1]["noisy_backprops"] is None
     assert main(["report", str(out), "--no-images"]) == 0
     assert (out / "figures" / "noisy_share_0.2.png").stat().st_size > 1000
     assert "noisy_share_0.2.png" in (out / "report.md").read_text()
+    assert (out / "figures" / "noise_curves_0.2.png").stat().st_size > 1000  # paper Fig. 12: curves at the level
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert {(r["label"], float(r["label_noise"])) for r in rows} == {
@@ -304,3 +307,44 @@ def test_selectivity_rejects_strategies_without_a_knob(tiny_fmnist, tmp_path, ca
     rc = main(["compare", "--data-dir", str(tiny_fmnist), "--out", str(tmp_path / "x"), "--strategies", "clamp",
                "--selectivity", "0.2", *FAST])  # fmt: skip
     assert rc == 2 and "cannot be tuned to a selectivity" in capsys.readouterr().err
+
+
+def test_a_time_budget_stops_training_once_that_much_training_time_is_spent(tiny_fmnist, tmp_path):
+    config = TrainConfig(strategy="sb", epochs=200, batch_size=32, time_budget=0.6, data_dir=str(tiny_fmnist),
+                         threads=1, evals_per_epoch=1)  # fmt: skip
+    summary = Trainer(config, tmp_path / "run", progress=False).run()
+    rows = read_metrics(tmp_path / "run")
+    assert summary["epochs"] < 200 and rows[-1]["wall_train_s"] >= 0.6
+    assert all(r["wall_train_s"] < 0.6 for r in rows[:-1])  # the last row is where it stopped
+    assert rows[-1]["wall_train_s"] - rows[-2]["wall_train_s"] < 2.0  # stopped at a loader batch, not an epoch end
+    again = Trainer(config, tmp_path / "run", resume=True, progress=False).run()  # resumed: nothing left to train
+    assert again["wall_train_s"] == summary["wall_train_s"] and len(read_metrics(tmp_path / "run")) == len(rows)
+
+
+def test_compare_label_noise_alone_is_the_papers_grid(tmp_path):
+    from selective_backprop.experiments.cli import build_parser
+
+    args = build_parser().parse_args(["compare", "--label-noise", "--out", str(tmp_path)])
+    assert args.label_noise == "0.01,0.1,0.2" and args.evals_per_epoch is None
+    args = build_parser().parse_args(["compare", "--label-noise", "0.001,0.2", "--out", str(tmp_path)])
+    assert args.label_noise == "0.001,0.2"
+
+
+def test_test_set_views_after_the_hard_epoch_and_at_the_end(tiny_fmnist, tmp_path):
+    """Paper §5.2 needs each test example's true-class confidence and prediction after a chosen epoch: the view
+    after epoch 2 of a 3-epoch run is the final view of the same run stopped at 2 (constant LR: same trajectory)."""
+    base = dict(strategy="sb", batch_size=32, lr_schedule="constant", data_dir=str(tiny_fmnist), threads=1,
+                score_precision="fp32")
+    Trainer(TrainConfig(epochs=3, hard_epoch=2, evals_per_epoch=2, **base), tmp_path / "a", progress=False).run()
+    Trainer(TrainConfig(epochs=2, hard_epoch=10, **base), tmp_path / "b", progress=False).run()
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert sorted(p.name for p in a.glob("test_*.npy")) == ["test_confidence.npy", "test_confidence_e2.npy",
+        "test_labels.npy", "test_prediction.npy", "test_prediction_e2.npy"]  # fmt: skip
+    assert (b / "test_confidence_e2.npy").exists()  # --hard-epoch beyond the budget: the last epoch
+    np.testing.assert_array_equal(np.load(a / "test_confidence_e2.npy"), np.load(b / "test_confidence.npy"))
+    np.testing.assert_array_equal(np.load(a / "test_prediction_e2.npy"), np.load(b / "test_prediction.npy"))
+    conf, pred = np.load(a / "test_confidence.npy"), np.load(a / "test_prediction.npy")
+    labels = np.load(a / "test_labels.npy")
+    assert conf.shape == pred.shape == labels.shape == (256,) and ((conf >= 0) & (conf <= 1)).all()
+    assert np.mean(pred != labels) == pytest.approx(read_metrics(a)[-1]["test_error"])  # the same evaluation
+    assert [r["epoch"] for r in read_metrics(a)] == [0, 0.5, 1, 1.5, 2, 2.5, 3]  # --evals-per-epoch 2

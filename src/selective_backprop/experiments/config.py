@@ -73,6 +73,12 @@ class TrainConfig:
     crop_padding: int | None = _h("random-crop padding (default: the dataset's)", default=None)
     flip: bool | None = _h("random horizontal flips (default: the dataset's)", default=None)
     cutout: int | None = _h("cutout square side (default: the dataset's)", default=None)
+    hard_epoch: int = _h("save each test example's true-class confidence and prediction after this epoch "
+                         "(paper Figs. 8-9; the last epoch when the budget is shorter)", default=10)  # fmt: skip
+    evals_per_epoch: int | None = _h("evaluations per epoch (unless --eval-every): default 1 for train; compare "
+                                     "uses 4 when the test set has at most 10,000 examples", default=1)  # fmt: skip
+    time_budget: float | None = _h("stop after this many seconds of training (evaluation excluded), as the paper's "
+                                   "equal-time comparisons; --epochs stays the upper bound", default=None)  # fmt: skip
     eval_every: int | None = _h("also evaluate every this many examples seen", default=None)
     train_limit: int | None = _h("use only the first N training examples (quick runs)", default=None)
     test_limit: int | None = _h("use only the first N test examples (quick runs)", default=None)

@@ -8,6 +8,8 @@ of ``select()``: policy, coins, queue, cache) and ``train_s`` (training forward,
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,9 +17,12 @@ from torch import Tensor
 
 from ..distributed import Collectives
 
-__all__ = ["Meters", "TIME_KEYS"]
+__all__ = ["Meters", "TIME_KEYS", "TIMED_COLUMNS"]
 
 TIME_KEYS = ("data_s", "select_forward_s", "bookkeeping_s", "train_s")
+TIMED_COLUMNS = ("wall_train_s", *(f"time_{k}" for k in TIME_KEYS), "eval_s", "compile_s")
+"""The ``metrics.jsonl`` columns that are measured seconds: they differ between two runs that are otherwise equal
+(an exact resume matches the uninterrupted run on every other column)."""
 _COUNTERS = ("seen", "selection_forwards", "skipped_forwards", "backpropagated")
 
 
@@ -36,6 +41,7 @@ class Meters:
         self.times = dict.fromkeys(TIME_KEYS, 0.0)
         self.selection_counts = torch.zeros(dataset_size, dtype=torch.int64, device=device)  # this rank's backprops
         self.skipped_steps = 0  # optimizer steps dropped on a non-finite loss (nonfinite="skip")
+        self.eval_s = 0.0  # seconds spent evaluating: wall clock of the run, not training time
         self.interval = self._fresh_interval()
 
     def _fresh_interval(self) -> dict[str, Any]:
@@ -52,6 +58,13 @@ class Meters:
         """Account one loader batch: ``seen`` examples offered, ``selected`` of them selected."""
         self.interval["seen"] += seen
         self.interval["selected"] += selected
+
+    def timed(self, name: str, work: Callable[[], Any]) -> Any:
+        """Run ``work()`` and add its seconds to the meter ``name`` (``eval_s``); return its result."""
+        start = time.perf_counter()
+        result = work()
+        setattr(self, name, getattr(self, name) + time.perf_counter() - start)
+        return result
 
     def row(self, counters: dict[str, float], comm: Collectives | None) -> dict[str, Any]:
         """The counts and times of a ``metrics.jsonl`` row (sums over ranks; times are this rank's), and start a
@@ -75,12 +88,13 @@ class Meters:
             "noisy_backprops": round(noisy) if len(self.noisy_indices) else None,
             "wall_train_s": sum(self.times.values()),
             **{f"time_{k}": v for k, v in self.times.items()},
+            "eval_s": self.eval_s,
             "train_loss": loss_sum / losses if losses else None,
             "selected_fraction": iv_selected / iv_seen if iv_seen else None,
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"times": dict(self.times), "selection_counts": self.selection_counts,
+        return {"times": dict(self.times), "selection_counts": self.selection_counts, "eval_s": self.eval_s,
                 "interval": dict(self.interval), "skipped_steps": self.skipped_steps}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -88,3 +102,4 @@ class Meters:
         self.selection_counts = state["selection_counts"].to(self.device)
         self.interval = state["interval"]
         self.skipped_steps = state["skipped_steps"]
+        self.eval_s = state.get("eval_s", 0.0)

@@ -98,6 +98,7 @@ class RunParts:
     calibration: dict[str, Any] = field(default_factory=dict)  # --target-time's and --score-precision auto's numbers
     score_precision: str | None = None  # the scoring forward's precision, resolved (auto measured) at start-up
     warm_graphs: int | None = None  # graphs torch.compile had built when the warm-up ended (None: not compiled)
+    eval_every: int | None = None  # examples seen between evaluations inside an epoch (None: once per epoch)
 
     def autocast(self) -> AbstractContextManager[Any]:
         """The autocast context of both forwards (disabled with ``amp='off'``)."""
@@ -205,6 +206,7 @@ def build_run(config: TrainConfig, out: Path, *, resume: bool, overwrite: bool) 
         autocast_dtype={"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp],
     )  # fmt: skip
     parts.calibration["malloc_keeps_freed_memory"] = kept
+    parts.eval_every = _eval_every(config, len(parts.train_set), len(parts.test_set))
     resuming = resume and has_checkpoint(out, rank, world_size, comm)
     parts.score_precision = _score_precision(parts, resuming)
     if config.compile:
@@ -220,6 +222,15 @@ def build_run(config: TrainConfig, out: Path, *, resume: bool, overwrite: bool) 
                                     distributed=comm is not None)  # fmt: skip
     parts.loader = _loader(parts)
     return parts, resuming
+
+
+def _eval_every(config: TrainConfig, train: int, test: int) -> int | None:
+    """Examples between evaluations: ``eval_every``, else ``evals_per_epoch`` spread over an epoch (``auto``: 4 when
+    the test set has at most 10,000 examples -- finer time-to-target crossings at little cost --, else 1)."""
+    if config.eval_every is not None:
+        return config.eval_every
+    per_epoch = config.evals_per_epoch or (4 if test <= 10_000 else 1)
+    return None if per_epoch == 1 else -(-train // per_epoch)
 
 
 def _score_precision(parts: RunParts, resuming: bool) -> str | None:

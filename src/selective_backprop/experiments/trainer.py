@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import Batch
-from . import calibrate, checkpoints, progress, runfolder
+from . import checkpoints, evaluation, progress, runfolder
 from .config import TrainConfig, budget_done, lr_at
 from .errors import (
     INTERRUPT_EXIT_CODES,
@@ -45,11 +45,14 @@ from .errors import (
     nonfinite_indices,
     nonfinite_parameters,
 )
-from .evaluation import evaluate, train_confidence
+from .evaluation import evaluate
 from .meters import Meters
 from .setup import build_run
 
 __all__ = ["Trainer", "train", "Interrupted", "RunExistsError", "TrainingDiverged", "CheckpointError"]
+
+OUT_OF_TIME = -1
+"""What ``_stop_requested`` returns when ``--time-budget`` seconds of training are spent (signals are positive)."""
 
 
 class Trainer:
@@ -67,7 +70,7 @@ class Trainer:
         self.epoch = 0
         self.batches_done = 0  # loader batches consumed in the current epoch (non-zero only mid-epoch)
         self.loader_state = self.loader.state_dict()  # the loader as at the start of the current epoch
-        self.metrics_rows, self.next_eval = 0, config.eval_every
+        self.metrics_rows, self.next_eval = 0, p.eval_every
         self.last_row: dict[str, Any] | None = None
         self.last_checkpoint: Path | None = None
         self._stop_signal: int | None = None
@@ -78,14 +81,6 @@ class Trainer:
             runfolder.write_json(self.out / "config.json", config.to_json())
             env = {**runfolder.environment(p.device), "world_size": p.world_size, "compile_s": p.compile_s}
             runfolder.write_json(self.out / "environment.json", {**env, **p.calibration})
-
-    def measure_costs(self, repeats: int = 5, warmup: int = 1) -> tuple[float, float]:
-        """``(F, T)`` per example; see :func:`~selective_backprop.experiments.calibrate.measure_costs`."""
-        return calibrate.measure_costs(self.parts, repeats, warmup)
-
-    def evaluate(self) -> tuple[float, float]:
-        """(test error, mean test loss); see :func:`~selective_backprop.experiments.evaluation.evaluate`."""
-        return evaluate(self.parts)
 
     # ----- checkpoints ---------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -211,27 +206,33 @@ class Trainer:
         self.meters.offered(len(inputs), self.selector.counters["selected"] - before["selected"])
         return batches
 
+    def _out_of_time(self) -> bool:
+        return self.config.time_budget is not None and sum(self.meters.times.values()) >= self.config.time_budget
+
     def _stop_requested(self) -> int | None:
-        """The signal to stop on (agreed by all ranks under torchrun: one stopping alone would hang the others)."""
-        stop, comm = self._stop_signal, self.parts.comm
+        """The signal to stop on, or ``OUT_OF_TIME`` (agreed by all ranks under torchrun: one stopping alone would
+        hang the others)."""
+        stop, comm = self._stop_signal or (OUT_OF_TIME if self._out_of_time() else None), self.parts.comm
         if comm is not None:
             stop = comm.all_reduce_int(stop or 0, "max", "all_reduce(MAX) of the stop signal") or None
         return stop
 
     def _epoch(self, bar: Any) -> None:
         for inputs, targets, indices in self._epoch_batches():
-            batches = self._select(inputs, targets, indices)
-            self._timed_steps(batches)
+            self._timed_steps(self._select(inputs, targets, indices))
             self.batches_done += 1
             if bar is not None:
                 bar.update(len(inputs))
             stop = self._stop_requested()
+            if stop == OUT_OF_TIME:
+                return  # the time budget is spent: run() logs this position, checkpoints it and finishes
             if stop is not None:
                 self._check_parameters()
                 raise Interrupted(stop, self.save_checkpoint())
             if self.next_eval is not None and self.selector.counters["seen"] * self.parts.world_size >= self.next_eval:
-                self.next_eval += self.config.eval_every  # type: ignore[operator]
-                self._log(bar)
+                self.next_eval += self.parts.eval_every  # type: ignore[operator]
+                if self.batches_done < len(self.loader):  # the epoch's end logs its own row
+                    self._log(bar)
         self._timed_steps(self.selector.end_epoch())
         if self.epoch + 1 == self.config.epochs:  # the very end: the examples min_batch_size held back, trained
             self.train_model.eval()  # with BatchNorm's running statistics (it cannot take one example in train mode)
@@ -242,7 +243,7 @@ class Trainer:
 
     def _log(self, bar: Any = None) -> dict[str, Any]:
         """Evaluate and append a row to ``metrics.jsonl`` (rank 0); counts are sums over ranks, times rank 0's."""
-        error, test_loss = self.evaluate()
+        error, test_loss = self.meters.timed("eval_s", lambda: evaluate(self.parts))  # timed, not training time
         counts = self.meters.row(self.selector.counters, self.parts.comm)
         row = {"epoch": self.epoch + self.batches_done / max(1, len(self.loader)), **counts, "compile_s":
                self.parts.compile_s, "recompiles": self.parts.recompiles(), "test_error": error, "test_loss": test_loss,
@@ -263,7 +264,7 @@ class Trainer:
         handlers = {s: signal.signal(s, lambda signum, _: setattr(self, "_stop_signal", signum))
                     for s in INTERRUPT_EXIT_CODES}  # fmt: skip
         try:
-            while self.epoch < c.epochs:
+            while self.epoch < c.epochs and not self._out_of_time():
                 per_epoch = getattr(self.loader, "shard_length", len(self.parts.train_set))  # this rank's share
                 bar = progress.open_bar(self.progress, f"{c.strategy} epoch {self.epoch + 1}/{c.epochs}", per_epoch,
                                         self.batches_done * self.loader.batch_size)  # fmt: skip
@@ -274,6 +275,7 @@ class Trainer:
                         bar.close()
                 self._check_parameters()
                 row = self._log()
+                evaluation.write_views(self.parts, self.epoch)  # the test set's view at the paper's epoch (10)
                 self.save_checkpoint()
                 if self.rank == 0 and not progress.shows_bar(self.progress):  # quiet, or no terminal for a bar
                     print(progress.epoch_line(c.strategy, c.epochs, row), flush=True)
@@ -296,7 +298,7 @@ class Trainer:
         }  # fmt: skip
         if self.rank == 0:
             np.save(self.out / "selection_counts.npy", counts.cpu().numpy())
-            np.save(self.out / "train_confidence.npy", train_confidence(p).cpu().numpy())
+            evaluation.write_views(p, self.epoch, final=True)
             runfolder.write_json(self.out / "final.json", summary)
         if progress.shows_bar(self.progress):  # the bars are gone: the last epoch's line stays on the terminal
             print(progress.epoch_line(self.config.strategy, self.config.epochs, last), flush=True)
