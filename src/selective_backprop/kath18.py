@@ -90,6 +90,10 @@ class Kath18(Selector):
         presample: ``k``; the presample is ``B = k * b``. Default: ``3`` (Katharopoulos & Fleuret; the SB
             authors used 4).
         score: ``"upper-bound"`` (default, the paper's) or ``"loss"`` (per-example loss, as the SB authors' port).
+        reweight: weight each drawn example's loss by ``1 / (B * g_i)`` (default ``True``, Algorithm 1). ``False``
+            trains on the drawn examples' plain mean loss (their weights are all 1): "no bias reweighting", how the
+            SB paper ran Kath18 (§5.1, with ``score="loss"``; the authors' ``Backpropper``, not their
+            ``ReweightedBackpropper``). Biased towards high-score examples, like SB itself.
         loss_fn: per-example loss. Default: cross-entropy.
         tau_ema: EMA factor for ``tau``. Default: ``0.9``.
         tau_th: switch-on threshold; default ``(B + 3b) / (3b)``.
@@ -111,6 +115,7 @@ class Kath18(Selector):
         presample: int = defaults.KATH18_PRESAMPLE,
         *,
         score: Literal["upper-bound", "loss"] = "upper-bound",
+        reweight: bool = True,
         loss_fn: LossFn | None = None,
         tau_ema: float = defaults.KATH18_TAU_EMA,
         tau_th: float | None = None,
@@ -132,6 +137,9 @@ class Kath18(Selector):
         self.presample = check_int("presample", presample, 1, "the presample is B = presample * batch_size")
         self.pool_size = presample * batch_size
         self.score = check_choice("score", score, ("upper-bound", "loss"))
+        if not isinstance(reweight, bool):
+            raise TypeError(f"reweight must be True or False, got {reweight!r}")
+        self.reweight = reweight
         self.tau_ema = check_number("tau_ema", tau_ema, 0.0, 1.0, high_open=True)
         default_th = (self.pool_size + 3 * batch_size) / (3 * batch_size)
         self.tau_th = default_th if tau_th is None else check_number(
@@ -181,7 +189,9 @@ class Kath18(Selector):
             g = _normalize(scores, finite)
             self._update_tau(scores)
             drawn = torch.multinomial(g, self.batch_size, replacement=True, generator=self.generator(g.device))
-            weights = importance_weights(g, drawn).to(torch.float32)
+            # Unweighted batches still carry weights (all 1): observe() tells importance-sampled batches by them.
+            weights = importance_weights(g, drawn) if self.reweight else torch.ones_like(drawn, dtype=g.dtype)
+            weights = weights.to(torch.float32)
             self.count(selection_forwards=len(g), selected=len(drawn))
             batches.append(self.make_batch((*take((px, py, pidx), drawn), weights, None)))
         return batches

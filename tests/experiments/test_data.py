@@ -124,13 +124,13 @@ def expected_cifar(name: str, batches: dict) -> tuple[tuple[np.ndarray, np.ndarr
     )
 
 
-def write_svhn(folder: Path, seed: int = 0) -> dict[str, np.ndarray]:
+def write_svhn(folder: Path, seed: int = 0, extra: bool = False) -> dict[str, np.ndarray]:
     import scipy.io
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {}
-    for split, n in (("train", 5), ("test", 3)):
+    for split, n in (("train", 5), ("test", 3), *((("extra", 4),) if extra else ())):
         x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
         y = np.array([10, *rng.integers(1, 11, n - 1)], dtype=np.uint8)[:, None]  # the first is a digit 0
         scipy.io.savemat(folder / f"{split}_32x32.mat", {"X": x, "y": y})
@@ -143,6 +143,7 @@ WRITERS = {
     "cifar10": lambda folder, seed=0: write_cifar(folder, "cifar10", seed),
     "cifar100": lambda folder, seed=0: write_cifar(folder, "cifar100", seed),
     "svhn": write_svhn,
+    "svhn-extra": lambda folder, seed=0: write_svhn(folder, seed, extra=True),
 }
 
 
@@ -373,6 +374,23 @@ class TestSvhn:
             np.testing.assert_array_equal(y, [0 if v == 10 else v for v in raw_y])
             assert y[0] == 0 and y.max() <= 9
 
+    def test_the_extra_split_follows_the_training_images(self, tmp_path):
+        arrays = write_svhn(tmp_path, extra=True)
+        (x, y), (tx, _) = read_svhn(tmp_path, extra=True)
+        (plain_x, plain_y), _ = read_svhn(tmp_path)
+        assert len(x) == 5 + 4 and len(tx) == 3 and np.array_equal(x[:5], plain_x) and np.array_equal(y[:5], plain_y)
+        np.testing.assert_array_equal(x[5:], arrays["extra_x"].transpose(3, 2, 0, 1))
+        np.testing.assert_array_equal(y[5:], [0 if v == 10 else v for v in arrays["extra_y"][:, 0]])
+
+    def test_the_extra_split_shares_the_svhn_folder_and_names_its_missing_file(self, isolated):
+        write_svhn(isolated / "root" / "svhn")  # no extra_32x32.mat
+        with pytest.raises(FileNotFoundError, match=r"svhn lacks extra_32x32\.mat") as info:
+            load_dataset("svhn-extra", data_dir=isolated / "root")
+        assert "--download" in str(info.value)
+        write_svhn(isolated / "root" / "svhn", extra=True)
+        train, _ = load_dataset("svhn-extra", data_dir=isolated / "root")
+        assert len(train) == 9 and len(load_dataset("svhn", data_dir=isolated / "root")[0]) == 5
+
     def test_corrupt_names_file(self, tmp_path):
         write_svhn(tmp_path)
         path = tmp_path / "test_32x32.mat"
@@ -433,7 +451,7 @@ class TestDownload:
         assert list(dest.parent.iterdir()) == []
 
     def test_registry_files(self):
-        assert set(DATASETS) == {"fashion-mnist", "cifar10", "cifar100", "svhn"}
+        assert set(DATASETS) == {"fashion-mnist", "cifar10", "cifar100", "svhn", "svhn-extra"}
         for spec in DATASETS.values():
             names = [f.filename for f in spec.files]
             assert any(set(layout) <= set(names) for layout in spec.layouts), spec.name
@@ -704,9 +722,10 @@ class TestAugmentation:
     def test_augment_defaults(self):
         assert default_augment("cifar10") == Augment(crop_padding=4, flip=True, cutout=16)
         assert default_augment("cifar100") == Augment(crop_padding=4, flip=True, cutout=8)
-        assert default_augment("svhn") == Augment(crop_padding=4, flip=False, cutout=20)
+        assert default_augment("svhn") == Augment(crop_padding=0, flip=False, cutout=20)  # cutout only, no crop
+        assert default_augment("svhn-extra") == default_augment("svhn")
         assert default_augment("fashion-mnist") == Augment()
-        assert set(DATASETS) <= {"cifar10", "cifar100", "svhn", "fashion-mnist"}
+        assert set(DATASETS) <= {"cifar10", "cifar100", "svhn", "svhn-extra", "fashion-mnist"}
         with pytest.raises(ValueError, match="known"):
             default_augment("imagenet")
         with pytest.raises(ValueError, match=">= 0"):

@@ -184,3 +184,24 @@ def test_a_uniform_batch_moves_tau_one_ema_step_toward_its_variance_reduction():
     g = upper_bound_scores(x, y).double()
     assert kath.tau == pytest.approx(0.1 * float(variance_reduction(g / g.sum())), rel=1e-12)
     assert float(variance_reduction(g / g.sum())) > 1.01  # not uniform: a squared or skipped term would show
+
+
+def test_without_reweighting_the_drawn_examples_train_on_their_plain_mean_loss():
+    """The SB paper's Kath18 (§5.1, "no bias reweighting"): the same draw as with weights, each weight 1, and tau
+    still follows presamples only."""
+    b, k = 4, 3
+    x, y, idx = pool(b, k, seed=5)
+    model = Logits()
+    weighted, plain = (Kath18(model, batch_size=b, presample=k, score="loss", reweight=r, seed=0)
+                       for r in (True, False))  # fmt: skip
+    for kath in (weighted, plain):
+        kath.tau = kath.tau_th + 0.5
+    (a,), (p,) = weighted.select(x, y, idx), plain.select(x, y, idx)
+    assert torch.equal(a.indices, p.indices)  # the same seeded draw
+    assert not torch.allclose(a.weights, torch.ones(b)) and torch.equal(p.weights, torch.ones(b))
+    tau = plain.tau
+    loss = p.loss(model(p.inputs))
+    torch.testing.assert_close(loss, F.cross_entropy(x[p.indices], y[p.indices]))
+    assert plain.tau == tau  # an importance-sampled batch leaves tau alone, weighted or not
+    with pytest.raises(TypeError, match="reweight must be True or False, got 'off'"):
+        Kath18(model, reweight="off")

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from .config import TrainConfig
 from .errors import Interrupted, RunExistsError, exit_code
 from .options import check_option
+from .presets import PRESETS, preset_values
 from .report.runs import load_runs
 from .report.summary import write_summary
 from .runfolder import write_atomic
@@ -32,21 +33,6 @@ from .trainer import Trainer
 
 PAPER_NOISE = "0.01,0.1,0.2"
 """The paper's label-noise levels (§5.4: 1 % = 500 of 50,000, 10 %, 20 %)."""
-PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's comparison: Traditional, SB at beta 1..3, StaleSB, Kath18, 3 seeds.
-    "paper": {
-        "strategies": "traditional,sb,stale-sb,kath18,random,infobatch,composer-sb",
-        "betas": "1,2,3",
-        "seeds": "0,1,2",
-    },
-    # The paper's "static selectivity 1/5": every strategy tuned to backprop a fifth of the examples.
-    "static-1-5": {
-        "strategies": "traditional,sb,stale-sb,kath18,random,composer-sb",
-        "selectivity": 0.2,
-        "seeds": "0,1,2",
-    },
-}
-
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (the option, the value, where to look), not the 40-line usage."""
@@ -142,9 +128,6 @@ def _grid(args: argparse.Namespace) -> list[dict[str, Any]]:
 def cmd_compare(args: argparse.Namespace) -> int:
     if launched_distributed():
         raise ValueError("compare runs its grid in one process; under torchrun use `selective-backprop train`")
-    if args.preset:
-        for key, value in PRESETS[args.preset].items():
-            setattr(args, key, value)
     out = Path(args.out)
     grid = _grid(args)
     configs = [_config(args, **run["overrides"]) for run in grid]  # every value checked before the folder is made
@@ -185,8 +168,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+TRAIN_PRESETS = ("paper", "paper-compressed", "static-1-5")
+"""Presets that set one run's options; the others are ``compare`` grids."""
+
+
+def build_parser(preset: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The command-line parser; ``preset`` (from :func:`~.presets.preset_values`) replaces argument defaults, so
+    flags given explicitly win over the preset."""
     parser = _Parser(prog="selective-backprop", description=__doc__.splitlines()[0])
+    presets_help = "; ".join(f"{k}: {v}" for k, v in PRESETS.items())
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--resume", action="store_true", help="continue an existing run folder")
@@ -195,16 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_train = sub.add_parser("train", parents=[common], help="run one experiment")
     p_train.add_argument("--out", default=None, help="run folder (default: runs/<strategy>-s<seed>)")
+    p_train.add_argument("--preset", choices=TRAIN_PRESETS, default=None, help=presets_help)
     _add_config_args(p_train)
     p_train.set_defaults(func=cmd_train)
 
     p_cmp = sub.add_parser("compare", parents=[common], help="strategies x seeds (x betas) side by side")
     p_cmp.add_argument("--out", default="runs/compare", help="folder for all runs (default: runs/compare)")
-    p_cmp.add_argument("--strategies", default="traditional,sb,stale-sb", help="comma-separated strategies")
+    p_cmp.add_argument("--strategies", default="traditional,sb,stale-sb,kath18",
+                       help="comma-separated strategies (default: the paper's comparison)")  # fmt: skip
     p_cmp.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     p_cmp.add_argument("--betas", default=None, help="comma-separated betas for sb/stale-sb/random (default: --beta)")
-    p_cmp.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the paper's grid: " +
-                       "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))  # fmt: skip
+    p_cmp.add_argument("--preset", choices=list(PRESETS), default=None, help=presets_help)
     p_cmp.add_argument("--no-report", action="store_true", help="skip writing report.md/report.html at the end")
     p_cmp.add_argument(
         "--label-noise", nargs="?", const=PAPER_NOISE, default=None,
@@ -213,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_config_args(p_cmp, skip=("strategy", "seed", "label_noise"))
     p_cmp.set_defaults(func=cmd_compare, evals_per_epoch=None)  # auto: 4 a epoch on a small test set
+
+    if preset:
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        p_train.set_defaults(**{k: v for k, v in preset.items() if k in fields})
+        p_cmp.set_defaults(**{k: v for k, v in preset.items() if k not in ("strategy", "seed", "label_noise")})
 
     p_rep = sub.add_parser("report", help="write report.md, report.html, figures/ and summary.csv of a folder")
     p_rep.add_argument("run_dir", help="a compare folder (or a single run folder)")
@@ -224,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if getattr(args, "preset", None):  # parsed again with the preset's values as defaults: explicit flags win
+        args = build_parser(preset_values(args.preset, args.dataset)).parse_args(argv)
     args.argv = argv
     try:
         return args.func(args)

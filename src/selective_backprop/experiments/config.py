@@ -28,18 +28,26 @@ def _h(text: str, **kw: Any) -> Any:
 class TrainConfig:
     """Every setting of one run. Defaults: Fashion-MNIST, small CNN, SB with the authors' beta = 3."""
 
-    dataset: str = _h("fashion-mnist | cifar10 | cifar100 | svhn", default="fashion-mnist")
+    dataset: str = _h("fashion-mnist | cifar10 | cifar100 | svhn | svhn-extra (SVHN with its extra training split)",
+                      default="fashion-mnist")
     model: str = _h("small-cnn | resnet18 | wideresnet | mobilenetv2", default="small-cnn")
+    wrn_depth: int = _h("wideresnet: depth, 6n + 4 (28: WRN-28-10 on CIFAR; 16: WRN-16-8 on SVHN)", default=28)
+    wrn_width: int = _h("wideresnet: widen factor k", default=10)
+    wrn_dropout: float = _h("wideresnet: dropout between the convs of a block (0.3 CIFAR, 0.4 SVHN)", default=0.0)
     strategy: str = _h(" | ".join(STRATEGIES), default="sb")
     epochs: int = _h("training budget in epochs (passes over the training set)", default=8)
     batch_size: int = _h("examples per training step", default=defaults.BATCH_SIZE)
     lr: float = _h("initial learning rate", default=0.05)
     momentum: float = _h("SGD momentum", default=0.9)
+    nesterov: bool = _h("SGD with Nesterov momentum (the SB authors' example optimizer)", default=False)
     weight_decay: float = _h("SGD weight decay", default=5e-4)
     lr_schedule: str = _h("step | cosine | constant", default="step")
     lr_milestones: tuple[float, ...] = _h(
-        "step schedule: LR x gamma at these fractions of the budget (in --lr-unit)", default=(0.5, 0.75)
+        "step schedule: LR x gamma at these points, fractions of the budget or epochs (--lr-milestone-unit), "
+        "counted in --lr-unit", default=(0.5, 0.75)
     )
+    lr_milestone_unit: str = _h("what --lr-milestones are: budget (fractions of --epochs) | epochs (absolute, as "
+                                "the paper's schedules: 60,120,160)", default="budget")  # fmt: skip
     lr_gamma: float = _h("step schedule factor", default=0.1)
     lr_unit: str = _h("what the schedule counts: examples (seen) | backprops (backpropagated)", default="examples")
     beta: float = _h("SB / StaleSB selectivity exponent (authors' default 3)", default=defaults.BETA)
@@ -58,6 +66,8 @@ class TrainConfig:
     threshold: float = _h("threshold strategy: backprop iff loss >= threshold", default=0.5)
     presample: int = _h("Kath18: presample B = presample * batch size", default=defaults.KATH18_PRESAMPLE)
     kath_score: str = _h("Kath18 score: upper-bound | loss", default="upper-bound")
+    kath_reweight: str = _h("Kath18 importance weights 1/(B g_i) on the drawn examples: on | off (the SB paper's "
+                            "runs: no bias reweighting)", default="on")  # fmt: skip
     prune_ratio: float = _h(
         "InfoBatch: probability of pruning a below-mean-loss example", default=defaults.INFOBATCH_PRUNE_RATIO
     )
@@ -68,7 +78,9 @@ class TrainConfig:
     composer_end: float = _h("composer-sb: training progress at which selection stops", default=defaults.COMPOSER_END)
     composer_interrupt: int = _h("composer-sb: a whole batch every this many loader batches (0: never)",
                                  default=defaults.COMPOSER_INTERRUPT)  # fmt: skip
-    score_mode: str = _h("scoring forward in eval | train mode", default="eval")
+    score_mode: str | None = _h("scoring forward in eval | train mode (default: the strategy's: train for "
+                                "composer-sb, as Composer scores; eval otherwise, as the SB authors)",
+                                default=None)  # fmt: skip
     label_noise: float = _h("fraction of training labels replaced by random labels", default=0.0)
     crop_padding: int | None = _h("random-crop padding (default: the dataset's)", default=None)
     flip: bool | None = _h("random horizontal flips (default: the dataset's)", default=None)
@@ -115,6 +127,8 @@ class TrainConfig:
         """
         check_options({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, _SB_FAMILY)
         self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
+        if self.score_mode is None:  # the strategy's own; config.json records the mode the run used
+            self.score_mode = STRATEGIES[self.strategy].score_mode
         if self.selectivity is not None:  # raises ValueError naming the strategies that have a knob
             try:
                 options = selectivity_options(self.strategy, self.selectivity)
@@ -139,7 +153,8 @@ def lr_at(config: TrainConfig, progress: float) -> float:
         return config.lr
     if config.lr_schedule == "cosine":
         return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return config.lr * config.lr_gamma ** sum(progress >= m for m in config.lr_milestones)
+    per = config.epochs if config.lr_milestone_unit == "epochs" else 1.0  # epochs -> fractions of the budget
+    return config.lr * config.lr_gamma ** sum(progress >= m / per for m in config.lr_milestones)
 
 
 def budget_done(config: TrainConfig, counters: dict[str, float], world_size: int, dataset_size: int) -> float:

@@ -9,7 +9,7 @@ Example:
     >>> check_option("lr_milestones", (0.75, 0.5))
     Traceback (most recent call last):
     ...
-    ValueError: --lr-milestones must be ascending fractions in (0, 1), comma-separated (e.g. 0.5,0.75), got 0.75,0.5
+    ValueError: --lr-milestones must be ascending numbers > 0, comma-separated (e.g. 0.5,0.75), got 0.75,0.5
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def choice(options: Iterable[str], optional: bool = False) -> Rule:
 def _milestones(v: Any) -> bool:
     if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
         return False
-    return all(_is_real(m) and 0 < m < 1 for m in v) and all(a < b for a, b in zip(v, v[1:], strict=False))
+    return all(_is_real(m) and m > 0 for m in v) and all(a < b for a, b in zip(v, v[1:], strict=False))
 
 
 _BOOL = Rule(lambda v: isinstance(v, bool), "true or false")
@@ -95,7 +95,9 @@ OPTIONS: dict[str, Rule] = {
     "momentum": number(0, 1, high_open=True),
     "weight_decay": number(0),
     "lr_schedule": choice(("step", "cosine", "constant")),
-    "lr_milestones": Rule(_milestones, "ascending fractions in (0, 1), comma-separated (e.g. 0.5,0.75)"),
+    "lr_milestones": Rule(_milestones, "ascending numbers > 0, comma-separated (e.g. 0.5,0.75)"),
+    "lr_milestone_unit": choice(("budget", "epochs")),
+    "nesterov": _BOOL,
     "lr_gamma": number(0, low_open=True),
     "lr_unit": choice(("examples", "backprops")),
     "beta": number(0, low_open=True),
@@ -108,13 +110,17 @@ OPTIONS: dict[str, Rule] = {
     "threshold": number(),
     "presample": integer(1),
     "kath_score": choice(("upper-bound", "loss")),
+    "kath_reweight": choice(("on", "off")),
     "prune_ratio": number(0, 1, high_open=True),
     "infobatch_delta": number(0, 1),
     "keep": number(0, 1, low_open=True),
     "composer_start": number(0, 1),
     "composer_end": number(0, 1),
     "composer_interrupt": integer(0),
-    "score_mode": choice(("eval", "train")),
+    "score_mode": choice(("eval", "train"), optional=True),
+    "wrn_depth": Rule(lambda v: _is_int(v) and v >= 10 and (v - 4) % 6 == 0, "6n + 4 with n >= 1 (10, 16, 22, 28, 40)"),
+    "wrn_width": integer(1),
+    "wrn_dropout": number(0, 1, high_open=True),
     "label_noise": number(0, 1),
     "crop_padding": integer(0, optional=True),
     "flip": Rule(_BOOL.ok, _BOOL.requirement, optional=True),
@@ -172,6 +178,12 @@ def check_options(values: dict[str, Any], sb_family: Sequence[str]) -> None:
     """
     for name, value in values.items():
         check_option(name, value)
+    milestones = values["lr_milestones"]
+    if values["lr_milestone_unit"] == "budget" and any(m >= 1 for m in milestones):
+        raise ValueError(f"--lr-milestones must be fractions in (0, 1) of the budget, or absolute epochs with "
+                         f"--lr-milestone-unit epochs, got {shown(milestones)}")  # fmt: skip
+    if values["nesterov"] and values["momentum"] == 0:
+        raise ValueError("--nesterov needs --momentum > 0, got 0")
     if values["composer_start"] > values["composer_end"]:
         raise ValueError(f"--composer-start must be <= --composer-end, got {shown(values['composer_start'])} > "
                          f"{shown(values['composer_end'])}")  # fmt: skip

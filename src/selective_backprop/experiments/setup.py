@@ -158,7 +158,9 @@ def _load_data(config: TrainConfig, device: torch.device, rank: int, world_size:
 def _networks(config: TrainConfig, train: sbdata.ArrayDataset, device: torch.device, comm: Collectives | None
               ) -> dict[str, Any]:  # fmt: skip
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = build_model(config.model, num_classes=train.num_classes, in_channels=train.images.shape[1])
+    options = ({"depth": config.wrn_depth, "widen_factor": config.wrn_width, "dropout": config.wrn_dropout}
+               if config.model == "wideresnet" else {})  # fmt: skip
+    model = build_model(config.model, num_classes=train.num_classes, in_channels=train.images.shape[1], **options)
     model = model.to(device).to(memory_format=memory_format)  # type: ignore[call-arg]
     train_model: nn.Module = model
     if comm is not None:
@@ -198,7 +200,8 @@ def build_run(config: TrainConfig, out: Path, *, resume: bool, overwrite: bool) 
         np.save(out / "noisy_indices.npy", data["noisy_indices"].cpu().numpy())
     nets = _networks(config, data["train_set"], device, comm)
     optimizer = torch.optim.SGD(
-        nets["model"].parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        nets["model"].parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+        nesterov=config.nesterov,
     )
     parts = RunParts(
         config, out, device, comm, rank, world_size, **data, **nets, optimizer=optimizer,

@@ -47,6 +47,9 @@ class Strategy:
         uses_beta: ``compare --betas`` sweeps it over beta.
         distributed: it runs under torchrun (global selection); ``False`` refuses it there.
         scores: it runs a scoring forward (so ``--score-precision`` and ``--score-scale`` apply).
+        score_mode: the mode of its scoring forward unless ``--score-mode`` says otherwise: ``eval`` (the SB
+            authors', ``original-code-notes.md`` §5) or ``train`` (Composer's selective backprop scores in train
+            mode, BatchNorm batch statistics).
     """
 
     build: Builder
@@ -56,6 +59,7 @@ class Strategy:
     uses_beta: bool = False
     distributed: bool = True
     scores: bool = True
+    score_mode: str = "eval"
 
 
 FAMILIES = ("traditional", "sb", "kath18", "random", "bad idea", "peer")
@@ -104,6 +108,7 @@ STRATEGIES: dict[str, Strategy] = {
     "kath18": Strategy(
         lambda m, n, c, beta, dist: Kath18(
             m, batch_size=c.batch_size, presample=c.presample, score=c.kath_score,  # type: ignore[arg-type]
+            reweight=c.kath_reweight == "on",
             nonfinite=c.nonfinite, seed=c.seed, distributed=dist, **_scoring(c),  # type: ignore[arg-type]
         ),  # fmt: skip
         family="kath18",
@@ -136,6 +141,7 @@ STRATEGIES: dict[str, Strategy] = {
             seed=c.seed, **_scoring(c),
         ),  # fmt: skip
         family="peer",
+        score_mode="train",
         knob="keep",
         knob_value=lambda fraction: fraction,
         distributed=False,

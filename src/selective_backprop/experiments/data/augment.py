@@ -165,7 +165,8 @@ _DEFAULT_AUGMENT = {
     # The paper's setups: crop + flip + cutout (DeVries & Taylor's lengths) on CIFAR; no flips for digits.
     "cifar10": Augment(crop_padding=4, flip=True, cutout=16),
     "cifar100": Augment(crop_padding=4, flip=True, cutout=8),
-    "svhn": Augment(crop_padding=4, cutout=20),
+    "svhn": Augment(cutout=20),  # DeVries & Taylor 2017's WRN-16-8 setup the paper cites: cutout only, no crop
+    "svhn-extra": Augment(cutout=20),
     "fashion-mnist": Augment(),
 }
 

@@ -232,8 +232,9 @@ def _loadmat(path: Path) -> dict[str, Any]:
         raise _corrupt(path, f"cannot read the MATLAB file ({type(e).__name__}: {e})") from e
 
 
-def read_svhn(folder: str | os.PathLike[str]) -> tuple[Split, Split]:
-    """Read SVHN cropped digits (``train_32x32.mat``, ``test_32x32.mat``) from ``folder``.
+def read_svhn(folder: str | os.PathLike[str], extra: bool = False) -> tuple[Split, Split]:
+    """Read SVHN cropped digits (``train_32x32.mat``, ``test_32x32.mat``) from ``folder``; with ``extra``, the
+    training split also holds ``extra_32x32.mat`` (73,257 + 531,131 = 604,388 images), after the train images.
 
     The files store ``X`` as ``32 x 32 x 3 x N`` and ``y`` as ``N x 1`` with label 10 for the digit 0; this
     returns images ``N x 3 x 32 x 32`` and maps 10 to 0 so the labels are the digits. Needs scipy (the
@@ -249,7 +250,7 @@ def read_svhn(folder: str | os.PathLike[str]) -> tuple[Split, Split]:
     """
     folder = Path(folder)
     splits = []
-    for split in ("train", "test"):
+    for split in ("train", "test", *(("extra",) if extra else ())):
         path = folder / f"{split}_32x32.mat"
         mat = _loadmat(path)
         if "X" not in mat or "y" not in mat:
@@ -259,4 +260,7 @@ def read_svhn(folder: str | os.PathLike[str]) -> tuple[Split, Split]:
             raise _corrupt(path, f"'X' must be uint8 32 x 32 x 3 x N, got {x.dtype} {x.shape}")
         y = y.reshape(-1).astype(np.int64)
         splits.append(_check_split(x.transpose(3, 2, 0, 1), np.where(y == 10, 0, y), 10, path))
+    if extra:
+        (train_x, train_y), (extra_x, extra_y) = splits[0], splits[2]
+        splits[0] = (np.concatenate([train_x, extra_x]), np.concatenate([train_y, extra_y]))
     return splits[0], splits[1]

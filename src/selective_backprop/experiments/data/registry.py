@@ -108,6 +108,8 @@ class DatasetSpec:
         layouts: alternative sets of names (files or folders); a folder holds the data when all names of one
             set exist in it.
         reader: ``reader(folder) -> (train, test)`` decoding the files.
+        folder: the subfolder name searched under a data folder and used in the download cache; default ``name``
+            (``svhn-extra`` shares ``svhn``'s folder).
     """
 
     name: str
@@ -117,6 +119,11 @@ class DatasetSpec:
     files: tuple[RemoteFile, ...]
     layouts: tuple[tuple[str, ...], ...]
     reader: Callable[[Path], tuple[Split, Split]]
+    folder: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.folder:
+            object.__setattr__(self, "folder", self.name)
 
     def present_in(self, folder: Path) -> bool:
         """Whether ``folder`` holds a complete copy of the data in one of the known layouts."""
@@ -140,6 +147,7 @@ _SVHN_FILES = (
     RemoteFile("http://ufldl.stanford.edu/housenumbers/train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
     RemoteFile("http://ufldl.stanford.edu/housenumbers/test_32x32.mat", "eb5a983be6a315427106f1b2cd1a5c7d"),
 )
+_SVHN_EXTRA = RemoteFile("http://ufldl.stanford.edu/housenumbers/extra_32x32.mat", "a93ce644f1a588dc4d68dda5feec44a7")
 
 
 def _cifar_layouts(name: str) -> tuple[tuple[str, ...], ...]:
@@ -184,6 +192,17 @@ DATASETS: dict[str, DatasetSpec] = {
         (tuple(f.filename for f in _SVHN_FILES),),
         read_svhn,
     ),
+    # SVHN with the 531,131 "extra" images added to the training set (604,388 in all), as the paper's SVHN setup.
+    "svhn-extra": DatasetSpec(
+        "svhn-extra",
+        10,
+        (0.4377, 0.4438, 0.4728),
+        (0.1980, 0.2010, 0.1970),
+        (*_SVHN_FILES, _SVHN_EXTRA),
+        (tuple(f.filename for f in (*_SVHN_FILES, _SVHN_EXTRA)),),
+        functools.partial(read_svhn, extra=True),
+        folder="svhn",
+    ),
 }
 """The datasets :func:`load_dataset` knows, by name."""
 
@@ -211,7 +230,7 @@ def _not_found(spec: DatasetSpec, searched: list[Path]) -> FileNotFoundError:
     ways = []
     if spec.name == "fashion-mnist":
         ways.append("install Debian's package: sudo apt-get install dataset-fashion-mnist")
-    ways.append(f"download it: pass --download (download=True); files go to {cache_dir() / spec.name}")
+    ways.append(f"download it: pass --download (download=True); files go to {cache_dir() / spec.folder}")
     ways.append(f"or pass --data-dir (data_dir=..., or set ${DATA_DIR_ENV}) pointing at a folder with {_needed(spec)}")
     lines = "\n".join(f"  - {w}" for w in ways)
     return FileNotFoundError(f"{spec.name} not found. Searched:\n{folders}\nTo get it:\n{lines}")
@@ -227,7 +246,7 @@ def _not_in_named(spec: DatasetSpec, root: Path, named_by: str) -> FileNotFoundE
     if not root.is_dir():
         problem = f"{named_by} {root} does not exist"
     else:
-        closest = min((root, root / spec.name), key=lambda folder: len(_missing(spec, folder)))
+        closest = min((root, root / spec.folder), key=lambda folder: len(_missing(spec, folder)))
         problem = f"{named_by} {root} does not hold {spec.name}: {closest} lacks {', '.join(_missing(spec, closest))}"
     ways = [f"pass --download (download=True) to download the official files into {root} (MD5-checked)"]
     if spec.name == "fashion-mnist":
@@ -237,7 +256,7 @@ def _not_in_named(spec: DatasetSpec, root: Path, named_by: str) -> FileNotFoundE
     ways.append(f"or {default} to search the default folders and the download cache")
     lines = "\n".join(f"  - {w}" for w in ways)
     return FileNotFoundError(f"{problem}. {spec.name} needs {_needed(spec)} in that folder or in its "
-                             f"{spec.name}/ subfolder. To get them:\n{lines}")  # fmt: skip
+                             f"{spec.folder}/ subfolder. To get them:\n{lines}")  # fmt: skip
 
 
 def _named_root(data_dir: str | os.PathLike[str] | None) -> tuple[Path | None, str]:
@@ -268,7 +287,8 @@ def locate_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, do
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     spec = DATASETS[name]
     root, named_by = _named_root(data_dir)
-    candidates = [root, root / name] if root is not None else [*DEFAULT_DATA_DIRS.get(name, ()), cache_dir() / name]
+    sub = spec.folder
+    candidates = [root, root / sub] if root is not None else [*DEFAULT_DATA_DIRS.get(name, ()), cache_dir() / sub]
     folder = next((p for p in candidates if spec.present_in(p)), None)
     if folder is not None or download:
         return folder
@@ -307,7 +327,7 @@ def load_dataset(
     spec = DATASETS[name]
     if folder is None:
         root, _ = _named_root(data_dir)
-        folder = root if root is not None else cache_dir() / name
+        folder = root if root is not None else cache_dir() / spec.folder
         fetch = downloader or _download_file
         for remote in spec.files:
             if not (folder / remote.filename).exists():
