@@ -85,3 +85,12 @@ class TestParetoFromCurves:
 
     def test_the_grid_runs_from_the_worst_to_the_best_target(self):
         assert target_grid(0.08, 0.16, points=5).tolist() == pytest.approx([0.16, 0.14, 0.12, 0.10, 0.08])
+
+
+def test_the_bin_around_a_percentile_is_clipped_at_both_ends():
+    """A model with no test error puts the error percentile at 0: the bin is the lowest 2.5 %, not an empty slice."""
+    conf = np.linspace(0, 1, 200, endpoint=False)
+    right = np.zeros(200, bool)
+    right[[0, 4, 196, 199]] = True  # ranks 0..4 are the lowest 2.5 %, 195..199 the highest
+    assert accuracy_at_percentile(conf, right, percentile=0.0) == pytest.approx(2 / 5)
+    assert accuracy_at_percentile(conf, right, percentile=100.0) == pytest.approx(2 / 5)  # ranks 195..199

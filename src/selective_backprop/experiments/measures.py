@@ -59,18 +59,22 @@ def accuracy_by_percentile(confidence: np.ndarray, correct: np.ndarray, bins: in
 def accuracy_at_percentile(confidence: np.ndarray, correct: np.ndarray, percentile: float = 20.0,
                            width: float = 5.0) -> float:  # fmt: skip
     """The paper's number: the share classified correctly among the examples whose rank by the model's own
-    true-class confidence lies in ``[percentile - width/2, percentile + width/2)`` percent (the bin around it).
+    true-class confidence lies in ``[percentile - width/2, percentile + width/2)`` percent (the bin around it),
+    clipped to ``[0, 100]`` percent (a percentile of 0 takes the lowest ``width/2`` percent).
 
     Example:
         >>> conf = np.linspace(0, 1, 100, endpoint=False)
         >>> right = np.zeros(100, bool); right[[18, 19, 21]] = True   # ranks 17.5 .. 22.5 %: 18, 19, 20, 21, 22
         >>> accuracy_at_percentile(conf, right)
         0.6
+        >>> accuracy_at_percentile(conf, right, percentile=0.0)   # ranks 0, 1, 2: clipped at the bottom
+        0.0
     """
     confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=bool)
     n = len(confidence)
     ranked = correct[np.argsort(confidence, kind="stable")]
-    lo, hi = int(np.ceil((percentile - width / 2) / 100 * n)), int(np.ceil((percentile + width / 2) / 100 * n))
+    lo = max(0, int(np.ceil((percentile - width / 2) / 100 * n)))
+    hi = min(n, int(np.ceil((percentile + width / 2) / 100 * n)))
     if hi <= lo:
         raise ValueError(f"no example falls in the {width:g}-percent bin around the {percentile:g}th percentile")
     return float(ranked[lo:hi].mean())

@@ -155,6 +155,12 @@ def _cifar_layouts(name: str) -> tuple[tuple[str, ...], ...]:
     return (tarball,), (top,), train + test
 
 
+def _svhn(name: str, files: tuple[RemoteFile, ...], reader: Callable[[Path], tuple[Split, Split]]) -> DatasetSpec:
+    """SVHN's spec (training-set mean and std of the train split); both variants live in the ``svhn`` folder."""
+    mean, std = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
+    return DatasetSpec(name, 10, mean, std, files, (tuple(f.filename for f in files),), reader, folder="svhn")
+
+
 DATASETS: dict[str, DatasetSpec] = {
     "fashion-mnist": DatasetSpec(
         "fashion-mnist",
@@ -183,26 +189,9 @@ DATASETS: dict[str, DatasetSpec] = {
         _cifar_layouts("cifar100"),
         functools.partial(read_cifar, name="cifar100"),
     ),
-    "svhn": DatasetSpec(
-        "svhn",
-        10,
-        (0.4377, 0.4438, 0.4728),
-        (0.1980, 0.2010, 0.1970),
-        _SVHN_FILES,
-        (tuple(f.filename for f in _SVHN_FILES),),
-        read_svhn,
-    ),
+    "svhn": _svhn("svhn", _SVHN_FILES, read_svhn),
     # SVHN with the 531,131 "extra" images added to the training set (604,388 in all), as the paper's SVHN setup.
-    "svhn-extra": DatasetSpec(
-        "svhn-extra",
-        10,
-        (0.4377, 0.4438, 0.4728),
-        (0.1980, 0.2010, 0.1970),
-        (*_SVHN_FILES, _SVHN_EXTRA),
-        (tuple(f.filename for f in (*_SVHN_FILES, _SVHN_EXTRA)),),
-        functools.partial(read_svhn, extra=True),
-        folder="svhn",
-    ),
+    "svhn-extra": _svhn("svhn-extra", (*_SVHN_FILES, _SVHN_EXTRA), functools.partial(read_svhn, extra=True)),
 }
 """The datasets :func:`load_dataset` knows, by name."""
 

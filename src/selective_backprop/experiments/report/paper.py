@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..analysis import curve_band, estimate
+from ..analysis import TARGETS, curve_band, estimate
 from ..measures import (
     accuracy_at_percentile,
     accuracy_by_percentile,
@@ -74,6 +74,10 @@ def section_hard_examples(doc: Document, ctx: Context) -> None:
     fig = ctx.new_figure(figsize=(11, 4.2))
     left, right = fig.subplots(1, 2)
     rows = []
+    # Ours: the bin at the percentile equal to Traditional's test error, where right turns into wrong whatever the
+    # error is (on an easy set the 20th percentile is all correct for every model).
+    trad = [v for lb, v in views.items() if ctx.groups[lb][0].strategy == "traditional"]
+    edge = 100 * float(np.mean([1 - ok.mean() for _, _, ok in trad[0]])) if trad else None
     for i, (label, runs) in enumerate(views.items()):
         color = f"C{i % 10}"
         inverse = np.stack([confidence_by_percentile(conf)[1] for _, conf, _ in runs])
@@ -86,7 +90,9 @@ def section_hard_examples(doc: Document, ctx: Context) -> None:
         at20 = estimate([accuracy_at_percentile(conf, ok) for _, conf, ok in runs])
         paper = PAPER_HARD.get(ctx.groups[label][0].strategy)
         epochs_seen = ", ".join(str(e) for e, _, _ in runs)
-        rows.append([label, epochs_seen, est(at20, pct), "—" if paper is None else pct(paper)])
+        at_edge = [] if edge is None else [
+            est(estimate([accuracy_at_percentile(conf, ok, edge) for _, conf, ok in runs]), pct)]  # fmt: skip
+        rows.append([label, epochs_seen, est(at20, pct), *at_edge, "—" if paper is None else pct(paper)])
     left.set(xlabel="percentile of test examples", ylabel="confidence in the true label")
     right.set(xlabel="percentile (each model's own ranking)", ylabel="accuracy in the bin")
     for ax in (left, right):
@@ -94,21 +100,28 @@ def section_hard_examples(doc: Document, ctx: Context) -> None:
         ax.legend(fontsize=7)
     doc.figure("hard_examples_test.png", fig, "Test-set confidence by percentile (Fig. 8) and accuracy by "
                "percentile (Fig. 9)")  # fmt: skip
-    doc.table(["label", "epoch", "accuracy at the 20th percentile (17.5-22.5 %)", "paper (CIFAR-10)"], rows)
+    edge_column = [] if edge is None else [f"at Traditional's error percentile ({edge:.1f} %, ours)"]
+    doc.table(["label", "epoch", "accuracy at the 20th percentile (17.5-22.5 %)", *edge_column, "paper (CIFAR-10)"],
+              rows)  # fmt: skip
 
 
 def section_pareto(doc: Document, ctx: Context) -> None:
     doc.h(2, "3. Pareto front from every curve (paper §5.5, Fig. 14)")
     runs = {(r.label, r.seed): r.rows for r in ctx.runs}
     finals = [r.last["test_error"] for r in ctx.runs]
-    worst = 2 * ctx.base_error if ctx.base_error else max(r.rows[1]["test_error"] for r in ctx.runs if len(r.rows) > 1)
-    grid = target_grid(min(finals), min(worst, max(r.rows[0]["test_error"] for r in ctx.runs)))
+    # From the largest of the paper's targets (1.4x Traditional's final error) down to the best final error: errors
+    # above it are reached in the primed epoch, where every SB-family run does the same work as Traditional and the
+    # fastest is decided by timing noise.
+    worst = max(TARGETS) * ctx.base_error if ctx.base_error else max(r.rows[1]["test_error"] for r in ctx.runs
+                                                                      if len(r.rows) > 1)  # fmt: skip
+    grid = target_grid(min(finals), min(worst, max(r.rows[0]["test_error"] for r in ctx.runs)), points=21)
     points = pareto_points(runs, grid)
     family = {r.label: FAMILY_NAMES[STRATEGIES[r.strategy].family] for r in ctx.runs if r.strategy in STRATEGIES}
     doc.p(
         f"Every run's curve gives one point (training time to reach it, target error) for each of {len(grid)} target "
-        f"errors from {pct(grid[0])} down to {pct(grid[-1])} (the best final error); a point is Pareto-optimal when "
-        "no point of any run reaches an error at least as low no later (strictly better in one). The paper draws "
+        f"errors from {pct(grid[0])} ({max(TARGETS)}x Traditional's final error: above it, runs still in their primed "
+        f"epoch differ by timing noise only) down to {pct(grid[-1])} (the best final error); a point is Pareto-optimal "
+        "when no point of any run reaches an error at least as low no later (strictly better in one). The paper draws "
         "the same construction over its configurations and reports each method's share of the optimal points."
     )
     fig = ctx.new_figure(figsize=(8, 4.8))
