@@ -50,6 +50,15 @@ def test_ddp_under_torchrun_trains_both_ranks_in_lockstep():
     assert len({acc for _, acc, *_ in ranks}) == 1 and float(ranks[0][1]) > 0.95  # identical models
 
 
+def test_lightning_module_trains_on_the_selected_batches():
+    pytest.importorskip("lightning")  # the [lightning] extra
+    out = run(str(EXAMPLES / "lightning_module.py"))
+    assert number(out, "accuracy") > 0.95
+    backprops, seen = map(float, re.search(r"backpropagated (\d+) of (\d+)", out).groups())
+    assert seen == 5 * 4096 and 4096 < backprops < 0.6 * seen and number(out, "logged") == seen
+    assert backprops / 128 <= number(out, "steps") <= backprops / 128 + 5  # full batches, one remainder per epoch
+
+
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.py")), ids=lambda p: p.name)
 def test_every_example_is_tested_here(path):
     assert path.stem in Path(__file__).read_text(), f"{path.name} has no test in {Path(__file__).name}"

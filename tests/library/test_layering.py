@@ -1,4 +1,5 @@
-"""The library/lab boundary: ``selective_backprop`` (torch + numpy only) never imports its lab, ``.experiments``.
+"""The library/lab boundary: ``selective_backprop`` (torch + numpy only) never imports its lab, ``.experiments``;
+an integration (``integrations/<framework>.py``) may import its own framework too, and nothing imports it.
 
 Two checks: a static walk of every import statement of every library module (including imports inside functions,
 so a lazy import cannot slip through), and a fresh interpreter that imports the library's entry points and then
@@ -18,8 +19,15 @@ import selective_backprop
 
 PACKAGE = Path(selective_backprop.__file__).parent
 LAB = PACKAGE / "experiments"
+INTEGRATIONS = PACKAGE / "integrations"
+FRAMEWORKS = {"lightning", "pytorch_lightning", "transformers", "accelerate"}  # none may be loaded by the library
 ENTRY_POINT = PACKAGE / "__main__.py"  # `python -m selective_backprop` runs the lab's CLI; the library never imports it
 ALLOWED = {"selective_backprop", "torch", "numpy", "__future__", *sys.stdlib_module_names}
+
+
+def allowed_tops(path: Path) -> set[str]:
+    """Top-level packages a library module may import: an integration ``integrations/<framework>.py`` its own too."""
+    return ALLOWED | ({path.stem} if path.parent == INTEGRATIONS and path.stem != "__init__" else set())
 
 
 def library_modules() -> list[Path]:
@@ -61,16 +69,28 @@ def test_library_module_imports_only_the_library_torch_numpy_and_the_standard_li
         assert not (name == "selective_backprop.experiments" or name.startswith("selective_backprop.experiments.")), (
             f"{where}: the library must not import the lab"
         )
-        assert top in ALLOWED, f"{where}: the library may import only torch, numpy and the standard library"
+        assert top in allowed_tops(path), (
+            f"{where}: the library may import only torch, numpy and the standard library (an integration: its own "
+            "framework too)"
+        )
 
 
-def test_importing_the_library_loads_no_lab_module():
+def test_importing_the_library_loads_no_lab_module_and_no_framework():
     code = (
-        "import sys, selective_backprop, selective_backprop.distributed\n"
-        "print(sorted(m for m in sys.modules if m.startswith('selective_backprop.experiments')))"
+        "import sys, selective_backprop, selective_backprop.distributed, selective_backprop.integrations\n"
+        "print(sorted(m for m in sys.modules if m.startswith('selective_backprop.experiments')\n"
+        f"             or m.split('.')[0] in {sorted(FRAMEWORKS)}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_integration_may_import_its_own_framework_only():
+    lightning, hf = INTEGRATIONS / "lightning.py", INTEGRATIONS / "transformers.py"
+    assert "lightning" in allowed_tops(lightning) and "transformers" not in allowed_tops(lightning)
+    assert "transformers" in allowed_tops(hf) and "lightning" not in allowed_tops(hf)
+    assert not FRAMEWORKS & allowed_tops(PACKAGE / "selector.py")
+    assert not FRAMEWORKS & allowed_tops(INTEGRATIONS / "__init__.py")
 
 
 def test_public_api_is_what_all_promises():
