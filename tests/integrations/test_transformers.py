@@ -91,7 +91,8 @@ def training_rows(model) -> list[int]:
 def test_trains_exactly_the_selected_examples(tmp_path, data):
     model = bert() if data == "classification" else gpt2()
     rows = training_rows(model)
-    t = trainer(tmp_path, model, CLASSIFY if data == "classification" else LM)
+    bs = 16 if data == "classification" else 32  # training batches of 16 from loader batches of 32: two a step
+    t = trainer(tmp_path, model, CLASSIFY if data == "classification" else LM, sb=dict(beta=2, seed=1, batch_size=bs))
     t.train()
     sb, c = t.selector, t.selector.counters
     assert sb.model is model and t.state.global_step == 3 * N // 32  # a Trainer step is a loader batch
@@ -99,12 +100,15 @@ def test_trains_exactly_the_selected_examples(tmp_path, data):
     assert rows == [len(i) for i in sb.trained] and c["steps"] == len(sb.trained)  # only selected rows trained
     assert c["backpropagated"] == sum(rows) == c["selected"] - len(sb.queue)
     assert N < c["selected"] < N + 0.6 * 2 * N
-    assert torch.cat(sb.trained[: N // 32]).sort().values.equal(torch.arange(N))  # primed: each example once
+    # one optimizer step per trained batch (AdamW counts the steps a parameter had a gradient in), none for a
+    # loader batch with nothing ready, two or more where several batches were ready together
+    assert all(t.optimizer.state[p]["step"] == c["steps"] for p in model.parameters() if p.requires_grad)
+    assert torch.cat(sb.trained[: N // bs]).sort().values.equal(torch.arange(N))  # primed: each example once
     logged = [h for h in t.state.log_history if "sb/seen" in h]
     assert logged and logged[-1]["sb/seen"] == 3 * N and logged[-1]["sb/backpropagated"] == c["backpropagated"]
     if data == "causal-lm":  # fully padded rows score 0, the lowest loss: after priming SB never picks them
         padded = torch.tensor([i for i in range(N) if i % 7 and i % 3 == 2])
-        assert len(padded) > 50 and not torch.isin(torch.cat(sb.trained[N // 32 :]), padded).any()
+        assert len(padded) > 50 and not torch.isin(torch.cat(sb.trained[N // bs :]), padded).any()
         assert all(torch.isfinite(torch.tensor(h["loss"])) for h in t.state.log_history if "loss" in h)
 
 
@@ -140,6 +144,8 @@ def test_resume_from_a_trainer_checkpoint_continues_with_identical_selections(tm
 def test_refusals_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="gradient_accumulation_steps=2.*per_device_train_batch_size"):
         trainer(tmp_path, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="fp16=True is not supported.*bf16=True"):
+        trainer(tmp_path, fp16=True)
     with pytest.raises(TypeError, match="Selector class"):
         SelectiveBackpropTrainer(model=bert(), args=arguments(tmp_path), train_dataset=CLASSIFY, selector=object)
     with pytest.raises(TypeError, match="remove model="):
