@@ -72,8 +72,9 @@ def arguments(out, **kwargs) -> TrainingArguments:
     return TrainingArguments(**{**base, **kwargs})
 
 
-def trainer(out, model=None, data=CLASSIFY, sb=None, **kwargs) -> SelectiveBackpropTrainer:
+def trainer(out, model=None, data=CLASSIFY, sb=None, eval_dataset=None, **kwargs) -> SelectiveBackpropTrainer:
     return SelectiveBackpropTrainer(model=model or bert(), args=arguments(out, **kwargs), train_dataset=data,
+                                    eval_dataset=eval_dataset,
                                     selector=Recording, selector_kwargs=sb or dict(beta=2, seed=1),
                                     causal_lm=data is LM)  # fmt: skip
 
@@ -110,6 +111,15 @@ def test_trains_exactly_the_selected_examples(tmp_path, data):
         padded = torch.tensor([i for i in range(N) if i % 7 and i % 3 == 2])
         assert len(padded) > 50 and not torch.isin(torch.cat(sb.trained[N // bs :]), padded).any()
         assert all(torch.isfinite(torch.tensor(h["loss"])) for h in t.state.log_history if "loss" in h)
+
+
+def test_max_steps_counts_loader_batches_and_evaluation_selects_nothing(tmp_path):
+    t = trainer(tmp_path, max_steps=13, eval_strategy="steps", eval_steps=5, eval_dataset=CLASSIFY[:64])
+    t.train()
+    c = t.selector.counters
+    assert t.state.global_step == 13 and c["seen"] == 13 * 32  # 1 5/8 epochs; 3 evaluations of 64 not counted
+    assert len([h for h in t.state.log_history if "eval_loss" in h]) == 3  # steps 5, 10 and the last
+    assert c["steps"] == len(t.selector.trained) and c["backpropagated"] == sum(map(len, t.selector.trained))
 
 
 def test_a_step_with_nothing_selected_leaves_the_weights_alone(tmp_path):

@@ -20,7 +20,8 @@ last one; for the others ``training_step`` clips (``max_grad_norm``) and steps t
 with nothing ready backpropagates nothing, and the Trainer's optimizer step is then a no-op (gradients are ``None``;
 torch optimizers skip such parameters). So ``global_step``, ``max_steps``, ``save_steps``, logging and the LR
 schedule count loader batches (examples seen: the lab's ``--lr-unit examples``); ``sb/steps`` counts optimizer
-steps. The training ``loss`` logged is the mean loss of the batches trained.
+steps. ``training_step`` returns the mean loss of the batches it trained (0 when none), and the Trainer's logged
+``loss`` averages that over loader batches: with few selected it reads low; ``Batch.loss`` trains the true mean.
 
 Losses: ``causal_lm=False`` ranks ``outputs.logits`` ``(N, C)`` by cross-entropy against ``labels`` ``(N,)``;
 ``causal_lm=True`` ranks sequences by :func:`~selective_backprop.per_sequence_cross_entropy` of the shifted logits
