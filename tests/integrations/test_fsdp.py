@@ -2,7 +2,8 @@
 through the sharded model (its all-gathers run on every rank in step with the selector's own collectives), and two
 ranks train in lockstep to the same full model. CPU, gloo. FSDP1 (``FullyShardedDataParallel``) needs an accelerator
 in torch 2.13 and is not tested here. This file is also the script:
-``torchrun --standalone --nproc-per-node 2 tests/integrations/test_fsdp.py``."""
+``torchrun --standalone --nproc-per-node 2 tests/integrations/test_fsdp.py FOLDER`` (each rank writes its line to
+``FOLDER/rank<r>.txt``: the ranks' prints would interleave on one stdout)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ if not hasattr(fsdp, "fully_shard"):
     pytest.skip("this torch has no torch.distributed.fsdp.fully_shard", allow_module_level=True)
 
 
-def main() -> None:
+def main(folder: str) -> None:
     import torch.distributed as dist
     from torch import nn
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -56,18 +57,21 @@ def main() -> None:
     with torch.no_grad():
         accuracy = (model(X).argmax(1) == Y).float().mean().item()
     c = sb.counters
-    print(f"rank {rank}: accuracy {accuracy:.3f}  steps {c['steps']:.0f}  scored {scored}  "
-          f"selection_forwards {c['selection_forwards']:.0f}  checksum {full.double().sum().item():.10f}", flush=True)
+    line = (f"rank {rank}: accuracy {accuracy:.3f}  steps {c['steps']:.0f}  scored {scored}  "
+          f"selection_forwards {c['selection_forwards']:.0f}  checksum {full.double().sum().item():.10f}")
+    with open(os.path.join(folder, f"rank{rank}.txt"), "w") as f:
+        f.write(line)
     dist.destroy_process_group()
 
 
-def test_fsdp2_scores_through_the_sharded_model_and_ranks_train_in_lockstep():
+def test_fsdp2_scores_through_the_sharded_model_and_ranks_train_in_lockstep(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           __file__], capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+                           __file__, str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.txt")))
     ranks = re.findall(r"rank (\d): accuracy ([0-9.]+)  steps (\d+)  scored (\d+)  selection_forwards (\d+)  "
-                       r"checksum (\S+)", proc.stdout)  # fmt: skip
+                       r"checksum (\S+)", lines)  # fmt: skip
     assert sorted(r[0] for r in ranks) == ["0", "1"]
     (_, acc0, steps0, scored0, forwards0, sum0), (_, acc1, steps1, scored1, forwards1, sum1) = ranks
     assert steps0 == steps1 and sum0 == sum1 and acc0 == acc1 and float(acc0) > 0.9  # lockstep, one model
@@ -75,4 +79,4 @@ def test_fsdp2_scores_through_the_sharded_model_and_ranks_train_in_lockstep():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1])
