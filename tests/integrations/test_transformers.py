@@ -113,6 +113,32 @@ def test_trains_exactly_the_selected_examples(tmp_path, data):
         assert all(torch.isfinite(torch.tensor(h["loss"])) for h in t.state.log_history if "loss" in h)
 
 
+def test_padding_collators_carry_the_index_causal_lm_with_a_tokenizer(tmp_path):
+    from transformers import BertTokenizerFast, DataCollatorForLanguageModeling
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
+                                                  [f"w{i}" for i in range(40)]))  # fmt: skip
+    tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))  # built offline from a word list
+    texts = [" ".join(f"w{(i * j) % 40}" for j in range(1 + i % 9)) for i in range(64)]  # 1 to 9 words
+    data = [dict(tokenizer(text, padding="max_length", max_length=12)) for text in texts]  # one length (see below)
+    args = arguments(tmp_path, num_train_epochs=2, per_device_train_batch_size=16)
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    t = SelectiveBackpropTrainer(model=gpt2(), args=args, train_dataset=data, data_collator=collator,
+                                 selector=Recording, selector_kwargs=dict(beta=1, staleness=2, dataset_size=64),
+                                 causal_lm=True)  # fmt: skip
+    t.train()
+    c, trained = t.selector.counters, t.selector.trained
+    assert c["seen"] == 2 * 64 and c["skipped_forwards"] == 64  # StaleSB reused epoch 1's losses by index
+    assert torch.cat(trained[:4]).sort().values.equal(torch.arange(64))  # the indices came through the collator
+    assert 0 < c["backpropagated"] - 64 < 64
+    # padded to each batch's longest, rows of different lengths would meet in the queue: refused, naming the fix
+    t = SelectiveBackpropTrainer(model=gpt2(), args=arguments(tmp_path, per_device_train_batch_size=16),
+                                 train_dataset=[dict(tokenizer(text)) for text in texts],
+                                 data_collator=collator, causal_lm=True)  # fmt: skip
+    with pytest.raises(ValueError, match=r"sequence length.*padding='max_length'"):
+        t.train()
+
+
 def test_max_steps_counts_loader_batches_and_evaluation_selects_nothing(tmp_path):
     t = trainer(tmp_path, max_steps=13, eval_strategy="steps", eval_steps=5, eval_dataset=CLASSIFY[:64])
     t.train()

@@ -12,21 +12,24 @@ What a user changes (``examples/hf_trainer.py``)::
     trainer.train()                                            # or train(resume_from_checkpoint=True)
 
 How it maps onto the Trainer: a Trainer step is one **loader batch**. ``training_step`` pops ``labels`` and the
-``index`` this class adds to every training example (dataset wrapper; ``index`` is kept from column removal and
-never reaches the model), offers the batch to the selector (a scoring forward through the model the Trainer
-trains, in eval mode under ``torch.no_grad()``) and trains the 0, 1 or more batches that became ready -- on the
-epoch's last loader batch the epoch's remainder too. Each ready batch is one optimizer step: the Trainer takes the
-last one; for the others ``training_step`` clips (``max_grad_norm``) and steps the optimizer itself. A loader batch
-with nothing ready backpropagates nothing, and the Trainer's optimizer step is then a no-op (gradients are ``None``;
-torch optimizers skip such parameters). So ``global_step``, ``max_steps``, ``save_steps``, logging and the LR
-schedule count loader batches (examples seen: the lab's ``--lr-unit examples``); ``sb/steps`` counts optimizer
-steps. ``training_step`` returns the mean loss of the batches it trained (0 when none), and the Trainer's logged
-``loss`` averages that over loader batches: with few selected it reads low; ``Batch.loss`` trains the true mean.
+``index`` this class adds to every training example (dataset wrapper; ``index`` is kept from column removal, passes
+the padding collators and never reaches the model), offers the batch to the selector (a scoring forward through the
+model the Trainer trains, in eval mode under ``torch.no_grad()``) and trains the 0, 1 or more batches that became
+ready -- on the epoch's last loader batch the epoch's remainder too. Each ready batch is one optimizer step: the
+Trainer takes the last one; for the others ``training_step`` clips (``max_grad_norm``) and steps the optimizer
+itself. A loader batch with nothing ready backpropagates nothing, and the Trainer's optimizer step is then a no-op
+(gradients are ``None``; torch optimizers skip such parameters). So ``global_step``, ``max_steps``, ``save_steps``,
+logging and the LR schedule count loader batches (examples seen: the lab's ``--lr-unit examples``); ``sb/steps``
+counts optimizer steps. ``training_step`` returns the mean loss of the batches it trained (0 when none), and the
+Trainer's logged ``loss`` averages that over loader batches: with few selected it reads low; ``Batch.loss`` trains
+the true mean.
 
 Losses: ``causal_lm=False`` ranks ``outputs.logits`` ``(N, C)`` by cross-entropy against ``labels`` ``(N,)``;
 ``causal_lm=True`` ranks sequences by :func:`~selective_backprop.per_sequence_cross_entropy` of the shifted logits
 ``(N, T, V)`` and labels ``(N, T)`` (``-100`` is ignored; a fully padded row scores 0) and trains the token-level
-mean (``example_weights=token_counts``). ``loss_fn=``/``forward=`` in ``selector_kwargs`` override them.
+mean (``example_weights=token_counts``); ``loss_fn=``/``forward=`` in ``selector_kwargs`` override them. Every
+loader batch must have one sequence length (pad to ``max_length``, not to each batch's longest: the selector queues
+rows from several loader batches into one training batch); another length is refused, naming the fix.
 
 State: the selector's ``state_dict`` is saved as ``selective_backprop.pt`` in every checkpoint folder and restored by
 ``train(resume_from_checkpoint=...)``, so a resumed run (on CPU) makes identical selections; the Trainer's own
@@ -134,6 +137,7 @@ class SelectiveBackpropTrainer(Trainer):
         self.selector: Selector | None = None
         self._sb_resume: str | None = None  # a checkpoint folder whose selector state waits for the selector
         self._sb_epoch_len = 0
+        self._sb_length: int | None = None  # the sequence length of every training batch
 
     def _set_signature_columns_if_needed(self) -> None:  # keep "index" through remove_unused_columns
         super()._set_signature_columns_if_needed()
@@ -168,6 +172,7 @@ class SelectiveBackpropTrainer(Trainer):
         sb = self._selector(model)
         inputs = dict(self._prepare_inputs(inputs))
         labels, index = inputs.pop("labels"), inputs.pop("index")
+        self._check_length({**inputs, "labels": labels})
         ready = sb.select(inputs, labels, index)
         if (self.state.global_step + 1) % self._sb_epoch_len == 0:  # the epoch's last loader batch
             ready += sb.end_epoch()
@@ -187,6 +192,16 @@ class SelectiveBackpropTrainer(Trainer):
             self.accelerator.backward(loss)
             losses.append(loss.detach())
         return torch.stack(losses).mean() if losses else torch.zeros((), device=self.args.device)
+
+    def _check_length(self, batch: dict[str, Any]) -> None:
+        lengths = {v.shape[1] for v in batch.values() if isinstance(v, Tensor) and v.dim() >= 2}
+        if self._sb_length is None and len(lengths) == 1:
+            self._sb_length = lengths.pop()
+        elif lengths and lengths != {self._sb_length}:
+            raise ValueError(f"this loader batch has sequence length(s) {sorted(lengths)}, an earlier one "
+                             f"{self._sb_length}: the selector queues rows across loader batches, so pad every batch "
+                             "to one length, e.g. tokenizer(..., padding='max_length', max_length=L) or "
+                             "DataCollatorWithPadding(tokenizer, padding='max_length', max_length=L)")
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.selector is not None and "loss" in logs:  # a training log
