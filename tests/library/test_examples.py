@@ -59,6 +59,24 @@ def test_lightning_module_trains_on_the_selected_batches():
     assert backprops / 128 <= number(out, "steps") <= backprops / 128 + 5  # full batches, one remainder per epoch
 
 
+def test_accelerate_loop_trains_the_selected_batches_and_resumes_identically(tmp_path):
+    pytest.importorskip("accelerate")  # the [hf] extra
+    out = run(str(EXAMPLES / "accelerate_loop.py"), str(tmp_path / "state"))
+    assert number(out, "accuracy") > 0.95 and "identical to the uninterrupted one: True" in out
+    backprops, seen = map(float, re.search(r"backpropagated (\d+) of (\d+)", out).groups())
+    assert seen == 5 * 4096 and 4096 < backprops < 0.6 * seen and number(out, "skipped") == 2 * 4096
+    assert (tmp_path / "state" / "custom_checkpoint_0.pkl").exists()  # the selector's state
+
+
+def test_hf_trainer_trains_the_selected_batches():
+    pytest.importorskip("transformers")  # the [hf] extra
+    out = run(str(EXAMPLES / "hf_trainer.py"))
+    assert number(out, "accuracy") > 0.95 and number(out, "loader batches") == 4 * 2048 // 64
+    backprops, seen = map(float, re.search(r"backpropagated (\d+) of (\d+)", out).groups())
+    assert seen == 4 * 2048 and 2048 < backprops < 0.6 * seen  # primed epoch, then a fraction
+    assert backprops / 64 <= number(out, "steps") <= backprops / 64 + 4  # full batches, one remainder per epoch
+
+
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.py")), ids=lambda p: p.name)
 def test_every_example_is_tested_here(path):
     assert path.stem in Path(__file__).read_text(), f"{path.name} has no test in {Path(__file__).name}"
