@@ -81,17 +81,39 @@ def cut(tree: Any, start: int, stop: int | None) -> Any:
     return tree_map(lambda t: t[start:stop] if isinstance(t, Tensor) else t, tree)
 
 
-def concat(trees: Sequence[Any]) -> Any:
-    """The examples of ``trees`` (same structure) one after the other: ``torch.cat`` of each tensor leaf."""
+def concat(trees: Sequence[Any], names: Sequence[str] = ()) -> Any:
+    """The examples of ``trees`` (same structure) one after the other: ``torch.cat`` of each tensor leaf;
+    ``names`` name the items of tuple trees in messages (``inputs``, ``targets``, ...).
+
+    Raises:
+        ValueError: for trees of different structures, or a leaf whose examples differ in shape after dim 0
+            (e.g. sequences padded to each loader batch's longest), naming the leaf, the shapes and the fix.
+    """
     if isinstance(trees[0], Tensor):
-        return torch.cat(list(trees))
+        return _cat(trees, "")
     flat = [tree_flatten(t) for t in trees]
     spec = flat[0][1]
     if any(s != spec for _, s in flat[1:]):
         other = next(s for _, s in flat if s != spec)
         raise ValueError(f"cannot queue batches of different structures: {spec} and {other}")
-    leaves = [None if col[0] is None else torch.cat(list(col)) for col in zip(*(f for f, _ in flat), strict=True)]
+    paths = [keystr(path) for path, _ in tree_flatten_with_path(trees[0])[0]]
+    for i, name in enumerate(names):  # "[0]['input_ids']" -> "inputs['input_ids']"
+        paths = [name + p[len(f"[{i}]") :] if p.startswith(f"[{i}]") else p for p in paths]
+    columns = zip(*(f for f, _ in flat), strict=True)
+    leaves = [None if col[0] is None else _cat(col, path) for col, path in zip(columns, paths, strict=True)]
     return tree_unflatten(leaves, spec)
+
+
+def _cat(tensors: Sequence[Tensor], path: str) -> Tensor:
+    shapes = sorted({tuple(t.shape[1:]) for t in tensors})
+    if len(shapes) > 1:
+        raise ValueError(
+            f"cannot queue examples of different shapes{f' in {path}' if path else ''} into one training batch: "
+            f"{' and '.join(str(s) for s in shapes)} after the batch dimension. The queue joins the selected rows "
+            "of several loader batches, so every loader batch must give an example the same shape: pad sequences "
+            "to one length (e.g. padding='max_length' in the tokenizer or collator)"
+        )
+    return torch.cat(list(tensors))
 
 
 def clone(tree: Any) -> Any:

@@ -93,7 +93,7 @@ class BackpropQueue:
                 fill = torch.zeros if given.dtype == torch.bool else torch.ones
                 chunks = [c if c[k] is not None else (*c[:k], fill(rows_of(c[0]), dtype=given.dtype,
                           device=given.device), *c[k + 1 :]) for c in chunks]  # fmt: skip
-        return concat(chunks)  # type: ignore[no-any-return]
+        return concat(chunks, ("inputs", "targets", "indices", "weights", "primed_rows"))  # type: ignore[no-any-return]
 
     def state_dict(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "pending": clone(self._merge()) if self._size else None}

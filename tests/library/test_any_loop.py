@@ -402,3 +402,15 @@ def test_a_long_list_of_bad_indices_is_capped():
     (batch,) = sb.select(torch.zeros(40, 1), torch.zeros(40, dtype=torch.long), torch.arange(40))
     with pytest.raises(ValueError, match=r"\[0, 1, 2, 3, 4, 5, 6, 7\] and 32 more"):
         batch.loss(torch.full((40, C), math.nan))
+
+
+def test_loader_batches_padded_to_different_lengths_are_refused_naming_the_leaf_and_the_fix():
+    """The queue joins selected rows of several loader batches: a sequence padded to each batch's longest cannot
+    join one padded to another length. Found through the Hugging Face Trainer (a torch.cat error before)."""
+    model = nn.EmbeddingBag(50, 3)
+    sb = SelectiveBackprop(model, batch_size=4, forward=lambda m, x: m(x["input_ids"]))
+    ids = {"input_ids": torch.randint(0, 50, (3, 8))}
+    assert sb.select(ids, torch.zeros(3, dtype=torch.long), torch.arange(3)) == []  # primed: queued, 3 < 4
+    longer = {"input_ids": torch.randint(0, 50, (3, 12))}
+    with pytest.raises(ValueError, match=r"different shapes in inputs\['input_ids'\] .*\(8,\) and \(12,\).*max_length"):
+        sb.select(longer, torch.zeros(3, dtype=torch.long), torch.arange(3, 6))
