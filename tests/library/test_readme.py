@@ -7,6 +7,8 @@ import io
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
@@ -51,3 +53,28 @@ def test_readme_strategy_lines_construct_what_they_say():
     assert [type(b.policy).__name__ for b in built[:4]] == ["Traditional", "UniformPolicy", "ThresholdPolicy",
                                                              "ClampPolicy"]  # fmt: skip
     assert built[1].policy.rate == 0.25 and built[2].policy.threshold == 1.0 and built[4].pool_size == 3 * 128
+
+
+def _section_block(title: str) -> str:
+    text = README.read_text()
+    section = text[text.index(f"### {title}\n") :]
+    return re.search(r"```\n(.*?)```", section, flags=re.S).group(1)
+
+
+def _code(line: str) -> str:
+    return " ".join(line.split("#")[0].split())
+
+
+@pytest.mark.parametrize("title,example", [
+    ("PyTorch Lightning", "lightning_module.py"),
+    ("Hugging Face Accelerate", "accelerate_loop.py"),
+    ("Hugging Face Trainer", "hf_trainer.py"),
+])  # fmt: skip
+def test_each_integrations_added_lines_are_the_examples_own(title, example):
+    """The lines the README marks as added (``# +``) are in the example that make test runs, as written: the
+    user-facing code is as short as the README says."""
+    added = [_code(line) for line in _section_block(title).splitlines() if "# +" in line]
+    source = {_code(line) for line in (README.parent / "examples" / example).read_text().splitlines()}
+    assert len(added) >= 3
+    missing = [line for line in added if line not in source]
+    assert not missing, f"README lines not in examples/{example}: {missing}"
