@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import crossing
+from .analysis import crossing, pareto_front
 
 __all__ = ["confidence_by_percentile", "accuracy_by_percentile", "accuracy_at_percentile", "target_grid",
            "ParetoPoint", "pareto_points", "pareto_shares"]  # fmt: skip
@@ -124,11 +124,8 @@ def pareto_points(runs: Mapping[tuple[str, int], Sequence[Mapping[str, Any]]], t
     """
     raw = [(label, seed, float(t), crossing(rows, t, axis)) for (label, seed), rows in runs.items() for t in targets]
     points = [(label, seed, t, x) for label, seed, t, x in raw if x is not None]
-    out = []
-    for label, seed, t, x in points:
-        dominated = any(ox <= x and ot <= t and (ox < x or ot < t) for _, _, ot, ox in points)
-        out.append(ParetoPoint(label, seed, t, float(x), not dominated))
-    return out
+    optimal = pareto_front([(x, t) for _, _, t, x in points])
+    return [ParetoPoint(label, seed, t, float(x), ok) for (label, seed, t, x), ok in zip(points, optimal, strict=True)]
 
 
 def pareto_shares(points: Sequence[ParetoPoint], family: Mapping[str, str]) -> dict[str, float]:
