@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_map
 
 from . import defaults
 from .batch import COUNTER_NAMES, Batch, ForwardFn, LossFn, per_example_cross_entropy
-from .batching import as_tree, cut, default_forward, device_of, rows_of, take
+from .batching import as_tree, cut, default_forward, device_of, loader_item, rows_of, take
 from .policies import check_losses
 from .precision import SCORE_PRECISIONS, downscale, scoring_autocast
 from .queue import BackpropQueue, Fields
@@ -199,13 +199,7 @@ class Selector:
         Calls :meth:`end_epoch` when the loader is exhausted, so the remainder is trained per ``flush``.
         """
         for item in loader:
-            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
-                raise TypeError(
-                    "the loader must yield (inputs, targets) or (inputs, targets, indices) tuples, got "
-                    f"{type(item).__name__}{'' if not isinstance(item, (tuple, list)) else f' of {len(item)}'}"
-                    "; for dict batches split the targets out, e.g. (batch, batch.pop('labels'))"
-                )
-            yield from self.select(*item)
+            yield from self.select(*loader_item(item))
         yield from self.end_epoch()
 
     def state_dict(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_leaves, tree_map, tree_unflatten
 
-__all__ = ["as_tree", "rows_of", "device_of", "take", "cut", "concat", "clone", "default_forward"]
+__all__ = ["as_tree", "rows_of", "device_of", "take", "cut", "concat", "clone", "default_forward", "loader_item"]
 
 
 def as_tree(value: Any) -> Any:
@@ -114,6 +114,18 @@ def _cat(tensors: Sequence[Tensor], path: str) -> Tensor:
             "to one length (e.g. padding='max_length' in the tokenizer or collator)"
         )
     return torch.cat(list(tensors))
+
+
+def loader_item(item: Any, source: str = "the loader") -> tuple[Any, ...]:
+    """``item`` as the ``(inputs, targets[, indices])`` a loader yields, or a ``TypeError`` naming what ``source``
+    gave and how to split a dict batch."""
+    if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+        raise TypeError(
+            f"{source} must yield (inputs, targets) or (inputs, targets, indices) tuples, got "
+            f"{type(item).__name__}{'' if not isinstance(item, (tuple, list)) else f' of {len(item)}'}"
+            "; for dict batches split the targets out, e.g. (batch, batch.pop('labels'))"
+        )
+    return tuple(item)
 
 
 def clone(tree: Any) -> Any:

@@ -414,3 +414,13 @@ def test_loader_batches_padded_to_different_lengths_are_refused_naming_the_leaf_
     longer = {"input_ids": torch.randint(0, 50, (3, 12))}
     with pytest.raises(ValueError, match=r"different shapes in inputs\['input_ids'\] .*\(8,\) and \(12,\).*max_length"):
         sb.select(longer, torch.zeros(3, dtype=torch.long), torch.arange(3, 6))
+
+
+def test_a_loader_item_that_is_not_a_tuple_is_refused_saying_how_to_split_a_dict():
+    sb = SelectiveBackprop(nn.Linear(3, 2), batch_size=4)
+    loader = [{"x": torch.zeros(2, 3), "labels": torch.zeros(2, dtype=torch.long)}]
+    with pytest.raises(TypeError, match=r"the loader must yield \(inputs, targets\) or \(inputs, targets, indices\) "
+                                        r"tuples, got dict; .*batch\.pop\('labels'\)"):  # fmt: skip
+        next(sb.iterate(loader))
+    with pytest.raises(TypeError, match="got tuple of 4"):
+        next(sb.iterate([(torch.zeros(2, 3),) * 4]))

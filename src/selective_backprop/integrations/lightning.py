@@ -54,6 +54,7 @@ from torch.utils._pytree import tree_map
 
 from ..base import Selector
 from ..batch import Batch
+from ..batching import loader_item
 from ..selector import SelectiveBackprop
 
 __all__ = ["SelectiveBackpropCallback", "selected_batches"]
@@ -144,9 +145,7 @@ class SelectiveBackpropCallback(Callback):
     def select(self, trainer: Trainer, batch: Any) -> Iterator[Batch]:
         """What :func:`selected_batches` returns."""
         sb = self._built()
-        if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
-            raise TypeError(f"training batches must be (inputs, targets) or (inputs, targets, indices), got "
-                            f"{type(batch).__name__}; for dict batches return (batch, batch.pop('labels'))")
+        batch = loader_item(batch, "the training dataloader")
         if self._closed:
             raise RuntimeError("selected_batches was called again after the epoch's last loader batch, or outside "
                                "training_step: call it once per training_step")
